@@ -1,0 +1,157 @@
+"""MuonConfig: every knob of muon_ds in one place, with Moonlight's defaults.
+
+The same dataclass is built from a DeepSpeed JSON ``"params"`` dict, from Megatron's
+argparse namespace, or directly in Python, and validated once at construction so a bad
+value fails before the first step, with a message naming the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+NS_COEFFICIENT_SETS = ("moonlight", "polar_express")
+SCALE_MODES = ("moonlight", "keller", "spectral", "none")
+NS_DTYPES = ("bfloat16", "float32")
+
+
+class MuonConfigError(ValueError):
+    """A MuonConfig key has a value that is not allowed."""
+
+
+@dataclass(frozen=True)
+class MuonConfig:
+    """Hyper-parameters of Muon (hidden matrices) and AdamW (everything else)."""
+
+    lr: float = 1e-3
+    """Learning rate shared by the Muon and the AdamW parts (Moonlight's point: one lr)."""
+
+    weight_decay: float = 0.1
+    """Decoupled weight decay for both parts: ``W <- W * (1 - lr * weight_decay)``."""
+
+    momentum: float = 0.95
+    """Muon momentum ``mu`` in ``M <- mu * M + G`` (heavy-ball form, not an EMA)."""
+
+    nesterov: bool = True
+    """Orthogonalise ``G + mu * M`` (Nesterov) instead of ``M``."""
+
+    ns_steps: int = 5
+    """Newton-Schulz iterations; with ``polar_express`` at most 5 (one triple per step)."""
+
+    ns_coefficients: str = "moonlight"
+    """``moonlight``: (3.4445, -4.7750, 2.0315) every step; ``polar_express``: Amsel et al. 2025."""
+
+    ns_dtype: str = "bfloat16"
+    """Dtype of the Newton-Schulz iteration; ``float32`` for tight equivalence tests."""
+
+    ns_eps: float = 1e-7
+    """Added to the Frobenius norm before normalising, so a zero matrix gives zeros."""
+
+    scale_mode: str = "moonlight"
+    """Update scale for an [A, B] matrix: ``moonlight`` 0.2*sqrt(max(A, B)),
+    ``keller`` sqrt(max(1, A/B)), ``spectral`` sqrt(max(A, B)), ``none`` 1."""
+
+    adamw_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2) for the parameters that are not Muon matrices."""
+
+    adamw_eps: float = 1e-8
+    """AdamW epsilon."""
+
+    muon_patterns: tuple[str, ...] = ()
+    """fnmatch patterns of parameter names forced to Muon (checked before ``adamw_patterns``)."""
+
+    adamw_patterns: tuple[str, ...] = (
+        "*embed*",
+        "*wte*",
+        "*wpe*",
+        "*lm_head*",
+        "*output_layer*",
+    )
+    """fnmatch patterns of parameter names kept on AdamW: Moonlight's embeddings and head."""
+
+    def __post_init__(self) -> None:
+        _check_number("lr", self.lr, low=0.0)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        _check_bool("nesterov", self.nesterov)
+        _check_int("ns_steps", self.ns_steps, low=1)
+        _check_choice("ns_coefficients", self.ns_coefficients, NS_COEFFICIENT_SETS)
+        if self.ns_coefficients == "polar_express" and self.ns_steps > 5:
+            raise MuonConfigError(
+                f"ns_steps={self.ns_steps} is not allowed with ns_coefficients='polar_express': "
+                "that set defines 5 steps, so ns_steps must be 1..5"
+            )
+        _check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
+        _check_number("ns_eps", self.ns_eps, low=0.0, low_open=True)
+        _check_choice("scale_mode", self.scale_mode, SCALE_MODES)
+        betas = self.adamw_betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise MuonConfigError(
+                f"adamw_betas={betas!r} is not allowed: expected two numbers in [0, 1)"
+            )
+        for i, beta in enumerate(betas):
+            _check_number(f"adamw_betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
+        object.__setattr__(self, "adamw_betas", (float(betas[0]), float(betas[1])))
+        _check_number("adamw_eps", self.adamw_eps, low=0.0, low_open=True)
+        for key in ("muon_patterns", "adamw_patterns"):
+            value = getattr(self, key)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise MuonConfigError(
+                    f"{key}={value!r} is not allowed: expected a list of name patterns (strings)"
+                )
+            object.__setattr__(self, key, tuple(value))
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> MuonConfig:
+        """Build from a plain dict (a DeepSpeed JSON ``"params"``); unknown keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise MuonConfigError(
+                f"unknown MuonConfig key(s) {unknown}; allowed keys: {sorted(known)}"
+            )
+        return cls(**dict(params))
+
+    def replace(self, **changes: Any) -> MuonConfig:
+        """A copy with some fields changed, validated like a new config."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise MuonConfigError(f"{key}={value!r} is not allowed: expected true or false")
+
+
+def _check_int(key: str, value: Any, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise MuonConfigError(f"{key}={value!r} is not allowed: expected an integer >= {low}")
+
+
+def _check_number(
+    key: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    allowed = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MuonConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        raise MuonConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MuonConfigError(f"{key}={value!r} is not allowed: expected one of {list(choices)}")
+
+
+__all__ = ["NS_COEFFICIENT_SETS", "NS_DTYPES", "SCALE_MODES", "MuonConfig", "MuonConfigError"]

@@ -1,0 +1,31 @@
+"""Pure tensor math of Muon and AdamW: no torch.distributed, no framework."""
+
+from muon_ds.math.newton_schulz import (
+    MOONLIGHT_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    coefficient_schedule,
+    newton_schulz,
+    newton_schulz_flops,
+)
+from muon_ds.math.updates import (
+    adamw_step,
+    all_finite,
+    apply_muon_update,
+    matrix_shape,
+    muon_direction,
+    update_scale,
+)
+
+__all__ = [
+    "MOONLIGHT_COEFFICIENTS",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "adamw_step",
+    "all_finite",
+    "apply_muon_update",
+    "coefficient_schedule",
+    "matrix_shape",
+    "muon_direction",
+    "newton_schulz",
+    "newton_schulz_flops",
+    "update_scale",
+]

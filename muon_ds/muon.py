@@ -1,0 +1,186 @@
+"""``muon_ds.Muon``: Moonlight's Muon (with AdamW for the rest) on one process.
+
+This is the reference the sharded optimizer is tested against, and a usable optimizer
+for single-device training. The arithmetic lives in ``muon_ds.math``; this class only
+routes parameters, keeps state and batches same-shape matrices into one Newton-Schulz call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from muon_ds.config import MuonConfig
+from muon_ds.kernels import orthogonalize
+from muon_ds.layout import route_param, tag_embeddings
+from muon_ds.math import (
+    adamw_step,
+    all_finite,
+    apply_muon_update,
+    matrix_shape,
+    muon_direction,
+    update_scale,
+)
+
+logger = logging.getLogger("muon_ds")
+
+ParamsT = (
+    torch.nn.Module
+    | Iterable[torch.Tensor]
+    | Iterable[tuple[str, torch.Tensor]]
+    | Iterable[dict[str, Any]]
+)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for hidden matrices, AdamW for embeddings, head and ndim < 2 parameters.
+
+    ``params`` is what ``torch.optim`` takes: tensors, ``model.named_parameters()`` (names
+    let Moonlight's rule find embeddings and the head) or dicts of those with a per-group
+    ``lr`` / ``weight_decay``; or the model itself, which also finds embeddings by module
+    type (``tag_embeddings``) and is the safest way to follow Moonlight's rule.
+
+    Each group is split in two, one per algorithm, marked by the group key
+    ``"algorithm"``. ``lr`` and ``weight_decay`` are read from the group at every step
+    (so LR schedulers work); the other knobs come from ``config``.
+
+    Non-finite gradients: if any gradient holds a NaN or an Inf, the whole step is
+    skipped (no parameter and no state changes), ``skipped_steps`` is incremented,
+    ``last_step_skipped`` is set and a warning is logged.
+    """
+
+    def __init__(self, params: ParamsT, config: MuonConfig | None = None, **overrides: Any) -> None:
+        config = config or MuonConfig()
+        self.config = config.replace(**overrides) if overrides else config
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        groups = _split_by_route(params, self.config)
+        defaults = {"lr": self.config.lr, "weight_decay": self.config.weight_decay}
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.last_step_skipped = not bool(all_finite(grads))
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+            logger.warning(
+                "muon_ds: non-finite gradient, step skipped (%d so far)", self.skipped_steps
+            )
+            return loss
+        for group in self.param_groups:
+            if group["algorithm"] == "muon":
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        cfg = self.config
+        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+            direction = muon_direction(
+                state["momentum_buffer"], p.grad, mu=cfg.momentum, nesterov=cfg.nesterov
+            )
+            shape = matrix_shape(p.shape)
+            by_shape[shape].append((p, direction.reshape(shape)))
+        for (rows, cols), items in by_shape.items():
+            orthogonal = orthogonalize(torch.stack([d for _, d in items]), cfg)
+            scale = update_scale(rows, cols, cfg.scale_mode)
+            for (p, _), o in zip(items, orthogonal, strict=True):
+                apply_muon_update(
+                    p, o.view_as(p), lr=group["lr"], weight_decay=group["weight_decay"], scale=scale
+                )
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        adamw_step(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=group["lr"],
+            betas=self.config.adamw_betas,
+            eps=self.config.adamw_eps,
+            weight_decay=group["weight_decay"],
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like ``torch.optim.Optimizer.load_state_dict``, but momentum stays fp32.
+
+        torch casts every floating state tensor to its param's dtype on load, which would
+        round a bf16 param's fp32 momentum; it is restored from ``state_dict`` afterwards.
+        """
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for p, saved_id in zip(params, saved_ids, strict=True):
+            saved = state_dict["state"].get(saved_id, {})
+            if "momentum_buffer" in saved:
+                self.state[p]["momentum_buffer"] = saved["momentum_buffer"].to(
+                    device=p.device, dtype=torch.float32, copy=True
+                )
+
+
+def _split_by_route(params: ParamsT, config: MuonConfig) -> list[dict[str, Any]]:
+    """User param groups -> one Muon and one AdamW group per user group (empty ones dropped)."""
+    if isinstance(params, torch.nn.Module):
+        tag_embeddings(params)
+        params = params.named_parameters()
+    items = list(params)
+    if not items:
+        raise ValueError("Muon got an empty parameter list")
+    user_groups = items if isinstance(items[0], dict) else [{"params": items}]
+    groups: list[dict[str, Any]] = []
+    unnamed_matrices = 0
+    for user_group in user_groups:
+        members = list(user_group["params"])
+        split: dict[str, list[Any]] = {"muon": [], "adamw": []}
+        for member in members:
+            name, param = member if isinstance(member, tuple) else (None, member)
+            if not isinstance(param, torch.Tensor):
+                raise TypeError(
+                    f"Muon params must be tensors or (name, tensor) pairs, got {type(param)}"
+                )
+            route = route_param(name, param, config)
+            unnamed_matrices += name is None and route == "muon"
+            # torch.optim keeps (name, tensor) pairs as the group's "param_names".
+            split[route].append(member)
+        extra = {k: v for k, v in user_group.items() if k != "params"}
+        for route, route_members in split.items():
+            if route_members:
+                groups.append({**extra, "params": route_members, "algorithm": route})
+    if unnamed_matrices:
+        logger.info(
+            "muon_ds: %d unnamed matrices routed to Muon by shape; pass named_parameters() "
+            "so embeddings and the output head are recognised",
+            unnamed_matrices,
+        )
+    return groups
