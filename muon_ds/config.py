@@ -73,6 +73,14 @@ class MuonConfig:
     )
     """fnmatch patterns of parameter names kept on AdamW: Moonlight's embeddings and head."""
 
+    owner_imbalance_limit: float = 1.10
+    """Sharded runs: a matrix stays with the rank holding most of it (fewest bytes moved)
+    unless that pushes the rank past this max/mean ratio of Newton-Schulz FLOPs."""
+
+    exchange_bucket_mb: float = 64.0
+    """Sharded runs: wire MiB per exchange bucket; the next bucket's gather overlaps the
+    current bucket's Newton-Schulz, so smaller buckets overlap more but issue more calls."""
+
     def __post_init__(self) -> None:
         _check_number("lr", self.lr, low=0.0)
         _check_number("weight_decay", self.weight_decay, low=0.0)
@@ -97,6 +105,8 @@ class MuonConfig:
             _check_number(f"adamw_betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
         object.__setattr__(self, "adamw_betas", (float(betas[0]), float(betas[1])))
         _check_number("adamw_eps", self.adamw_eps, low=0.0, low_open=True)
+        _check_number("owner_imbalance_limit", self.owner_imbalance_limit, low=1.0)
+        _check_number("exchange_bucket_mb", self.exchange_bucket_mb, low=0.0, low_open=True)
         for key in ("muon_patterns", "adamw_patterns"):
             value = getattr(self, key)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):

@@ -11,6 +11,7 @@ param group to its own Muon code path when the first param carries a truthy ``us
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
 
@@ -67,3 +68,123 @@ def route_param(name: str | None, param: torch.Tensor, config: MuonConfig) -> Ro
             f"by {source}, but Muon needs ndim >= 2; route it to 'adamw'"
         )
     return route
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """How one parameter is split over a tensor-parallel group.
+
+    ``dim`` is the dim of the parameter's 2-D matrix view that is split: 0 for a
+    column-parallel weight (each rank holds some output rows), 1 for a row-parallel one
+    (each rank holds some input columns). ``size == 1`` means not split.
+    """
+
+    rank: int = 0
+    size: int = 1
+    dim: int = 0
+
+
+NOT_SPLIT = TensorParallel()
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``[start, end)`` of a TP-local 2-D weight that belong to logical matrix ``key``.
+
+    A fused parameter (interleaved QKV, gated fc1, grouped experts) is several logical
+    matrices; each is the union of its blocks. Blocks with the same key on different TP
+    ranks are one matrix, stacked along the TP dim. Newton-Schulz commutes with row and
+    column permutations, so the order blocks are stacked in never changes the result.
+    """
+
+    key: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ShardView:
+    """What one rank holds of one parameter in its ZeRO-1 shard.
+
+    ZeRO-1 shards flat buffers evenly and element-wise, so a rank holds one contiguous
+    range ``[start, end)`` of the parameter's TP-local tensor, flattened; those elements
+    live at ``offset`` in optimizer buffer ``buffer``. ``matrix_shape`` is the 2-D view
+    of the TP-local tensor the blocks refer to, in the tensor's own flat order: ``[out,
+    in*k*k]`` for a conv kernel, ``[E*rows, cols]`` for 3-D grouped experts.
+
+    Every rank of the exchange group describes a parameter with the same ``name``,
+    ``matrix_shape``, TP size and dim; ``start``/``end``, ``tp.rank``, the buffer location
+    (and, for per-head keys, ``blocks``) differ by rank.
+    """
+
+    name: str
+    matrix_shape: tuple[int, int]
+    start: int
+    end: int
+    buffer: int
+    offset: int
+    route: Route = "muon"
+    tp: TensorParallel = NOT_SPLIT
+    blocks: tuple[RowBlock, ...] = ()
+    group: str = "dense"
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    def matrix_blocks(self) -> tuple[RowBlock, ...]:
+        """The explicit blocks; an empty ``blocks`` means one matrix, the whole weight."""
+        return self.blocks or (RowBlock(0, 0, self.matrix_shape[0]),)
+
+
+def expert_blocks(local_rows: int, num_experts: int, first_expert: int = 0) -> tuple[RowBlock, ...]:
+    """Grouped expert weights (``[E * rows, cols]`` or ``[E, rows, cols]``): one matrix each.
+
+    Keys are global expert indices (``first_expert`` + local index), so experts held by
+    different expert-parallel ranks never merge.
+    """
+    if num_experts < 1 or local_rows % num_experts:
+        raise ValueError(f"{local_rows} rows cannot be split into {num_experts} experts")
+    rows = local_rows // num_experts
+    return tuple(RowBlock(first_expert + e, e * rows, (e + 1) * rows) for e in range(num_experts))
+
+
+def gated_blocks(local_rows: int) -> tuple[RowBlock, ...]:
+    """Gated MLP fc1 stored as ``[gate; up]`` on each TP rank: gate and up are two matrices."""
+    if local_rows % 2:
+        raise ValueError(f"a gated fc1 needs an even number of rows, got {local_rows}")
+    half = local_rows // 2
+    return (RowBlock(0, 0, half), RowBlock(1, half, local_rows))
+
+
+def qkv_blocks(
+    local_query_groups: int,
+    heads_per_group: int,
+    head_dim: int,
+    *,
+    per_head: bool = False,
+    tp: TensorParallel = NOT_SPLIT,
+) -> tuple[RowBlock, ...]:
+    """Interleaved QKV (per query group: its query heads, then one K and one V head).
+
+    By default Q, K and V are three matrices (keys 0, 1, 2) gathered over all groups and
+    TP ranks. ``per_head`` makes every head its own matrix; keys are then global head
+    indices so heads held by different TP ranks stay apart.
+    """
+    blocks = []
+    group_rows = (heads_per_group + 2) * head_dim
+    heads_per_rank = local_query_groups * (heads_per_group + 2)
+    for g in range(local_query_groups):
+        base = g * group_rows
+        if not per_head:
+            q_end = base + heads_per_group * head_dim
+            blocks += [
+                RowBlock(0, base, q_end),
+                RowBlock(1, q_end, q_end + head_dim),
+                RowBlock(2, q_end + head_dim, base + group_rows),
+            ]
+            continue
+        for h in range(heads_per_group + 2):
+            key = tp.rank * heads_per_rank + g * (heads_per_group + 2) + h
+            blocks.append(RowBlock(key, base + h * head_dim, base + (h + 1) * head_dim))
+    return tuple(blocks)

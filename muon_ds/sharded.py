@@ -1,0 +1,300 @@
+"""``ShardedMuon``: Moonlight's Muon on ZeRO-1 shards, framework-agnostic.
+
+A framework adapter hands over its flat fp32 shard buffers (as torch param groups, each
+marked ``"algorithm": "muon"`` or ``"adamw"``) and ``ShardView``s saying which elements
+of which parameter each buffer holds. Per step:
+
+1. every rank updates fp32 momentum on its own shard only (shard-shaped state);
+2. the exchange gathers each logical matrix's direction to its one owner, which runs
+   Newton-Schulz once (batched by shape) and scatters the pieces back (``comm``);
+3. every rank applies decoupled decay and the scaled update to its own shard;
+AdamW shards are updated locally. The framework's parameter all-gather follows as usual.
+
+Construction checks, on every rank alike, that the ranks agree on the config, the
+groups and the sharding (one ``all_gather_object`` of metadata over the world), so bad
+input fails with the same clear error everywhere instead of hanging a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from muon_ds.comm import CommCounter, Exchange, LocalRun, Slot
+from muon_ds.config import MuonConfig
+from muon_ds.kernels import orthogonalize
+from muon_ds.layout import ShardView
+from muon_ds.math import adamw_step, all_finite, muon_direction, update_scale
+from muon_ds.plan import MatrixPlan, Plan, PlanError, build_plan
+
+logger = logging.getLogger("muon_ds")
+
+_NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ShardedMuon(torch.optim.Optimizer):
+    """Muon + AdamW over ZeRO-1 shard buffers, each matrix orthogonalised exactly once.
+
+    ``param_groups``: torch-style groups of flat shard buffers with ``"algorithm"`` set;
+    a buffer is referenced by its position across all groups. ``views``: this rank's
+    ``ShardView``s. ``process_groups`` maps each view's ``group`` name ("dense",
+    "expert", ...) to the process group spanning every rank that holds a piece of those
+    parameters (DP, DP x TP, expert-DP); ``None`` means the default group.
+
+    A buffer with no gradient is treated as a zero gradient (ZeRO semantics: an unused
+    parameter's averaged gradient is zero); collectives stay matched across ranks.
+    Non-finite gradients on any rank skip the step on every rank, as in ``muon_ds.Muon``.
+    """
+
+    def __init__(
+        self,
+        param_groups: Sequence[dict[str, Any]],
+        views: Sequence[ShardView],
+        config: MuonConfig,
+        process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.views = tuple(views)
+        self.counter = CommCounter()
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        defaults = {"lr": config.lr, "weight_decay": config.weight_decay}
+        super().__init__([dict(g) for g in param_groups], defaults)
+        self._buffers = [p for g in self.param_groups for p in g["params"]]
+        self._group_of = [g for g in self.param_groups for _ in g["params"]]
+        groups = dict(process_groups or {"dense": None})
+        problem = self._local_problem(groups)
+        self.plans, self._exchanges = self._agree_and_plan(groups, problem)
+
+    # -- construction ---------------------------------------------------------------
+
+    def _local_problem(self, groups: Mapping[str, Any]) -> str | None:
+        """A description of what is wrong with this rank's own input, or None."""
+        for group in self.param_groups:
+            if group.get("algorithm") not in ("muon", "adamw"):
+                return f"param group has algorithm={group.get('algorithm')!r}; allowed: muon, adamw"
+        for view in self.views:
+            if not 0 <= view.buffer < len(self._buffers):
+                return (
+                    f"view {view.name!r} names buffer {view.buffer}; there are {len(self._buffers)}"
+                )
+            buffer = self._buffers[view.buffer]
+            algorithm = self._group_of[view.buffer]["algorithm"]
+            if algorithm != view.route:
+                return (
+                    f"view {view.name!r} is routed to {view.route} but lies in buffer "
+                    f"{view.buffer} of a {algorithm} group; keep each buffer to one algorithm"
+                )
+            rows, cols = view.matrix_shape
+            if not (0 <= view.start <= view.end <= rows * cols):
+                return (
+                    f"view {view.name!r}: range [{view.start}, {view.end}) does not fit its "
+                    f"matrix_shape {view.matrix_shape} ({rows * cols} elements)"
+                )
+            if view.offset < 0 or view.offset + view.numel > buffer.numel():
+                return (
+                    f"view {view.name!r}: elements [{view.offset}, {view.offset + view.numel}) "
+                    f"do not fit buffer {view.buffer} of {buffer.numel()} elements"
+                )
+            if view.group not in groups:
+                return f"view {view.name!r} names group {view.group!r}; given: {sorted(groups)}"
+            if buffer.dtype != torch.float32:
+                return f"buffer {view.buffer} is {buffer.dtype}; ZeRO-1 master shards are fp32"
+        return None
+
+    def _agree_and_plan(
+        self, groups: Mapping[str, dist.ProcessGroup | None], problem: str | None
+    ) -> tuple[dict[str, Plan], list[Exchange]]:
+        """Gather every rank's metadata, check agreement, build every group's plan.
+
+        Every rank checks everything, so an error is raised on all ranks at once.
+        """
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        members = {
+            key: tuple(dist.get_process_group_ranks(g or dist.group.WORLD)) if distributed else (0,)
+            for key, g in groups.items()
+        }
+        mine = {
+            "config": dataclasses.asdict(self.config),
+            "members": members,
+            "views": [v for v in self.views if v.route == "muon"],
+            "problem": problem,
+        }
+        everyone: list[Any] = [None] * (dist.get_world_size() if distributed else 1)
+        if distributed:
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone[0] = mine
+        _check_agreement(everyone)
+
+        ns_dtype = _NS_DTYPES[self.config.ns_dtype]
+        plans: dict[str, Plan] = {}
+        exchanges = []
+        for key in sorted(groups):
+            for ranks in sorted({m["members"][key] for m in everyone}):
+                views_by_rank = [[v for v in everyone[r]["views"] if v.group == key] for r in ranks]
+                try:
+                    plan = build_plan(
+                        views_by_rank,
+                        ns_steps=self.config.ns_steps,
+                        imbalance_limit=self.config.owner_imbalance_limit,
+                        bucket_bytes=int(self.config.exchange_bucket_mb * 2**20),
+                        wire_bytes=ns_dtype.itemsize,
+                    )
+                except PlanError as error:
+                    raise PlanError(f"group {key!r} (ranks {list(ranks)}): {error}") from None
+                if rank not in ranks:
+                    continue
+                plans[key] = plan
+                locate = {
+                    (v.name, v.tp.rank): LocalRun(v.buffer, v.offset, v.start)
+                    for v in self.views
+                    if v.group == key and v.route == "muon"
+                }
+                exchanges.append(
+                    Exchange(
+                        plan,
+                        rank=ranks.index(rank),
+                        group=groups[key],
+                        group_name=key,
+                        locate=locate,
+                        wire_dtype=ns_dtype,
+                        counter=self.counter,
+                    )
+                )
+        return plans, exchanges
+
+    # -- step -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._buffers]
+        self.last_step_skipped = not self._all_ranks_finite(grads)
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+            logger.warning(
+                "muon_ds: non-finite gradient on some rank, step skipped on every rank (%d so far)",
+                self.skipped_steps,
+            )
+            return loss
+        position = 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            if group["algorithm"] == "adamw":
+                self._adamw_step(group, grads[position : position + count])
+            position += count
+        self._muon_step(grads)
+        return loss
+
+    def _all_ranks_finite(self, grads: list[torch.Tensor]) -> bool:
+        bad = (~all_finite(grads)).to(torch.int32).reshape(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            self.counter.record("finite_check", "world", bad.element_size())
+        return not bool(bad.item())
+
+    def _muon_step(self, grads: list[torch.Tensor]) -> None:
+        cfg = self.config
+        directions: list[torch.Tensor] = []
+        for index, buffer in enumerate(self._buffers):
+            if self._group_of[index]["algorithm"] != "muon":
+                directions.append(buffer.new_empty(0))
+                continue
+            state = self.state[buffer]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(buffer, dtype=torch.float32)
+            directions.append(
+                muon_direction(
+                    state["momentum_buffer"], grads[index], mu=cfg.momentum, nesterov=cfg.nesterov
+                )
+            )
+        # Decoupled decay first, as W (1 - lr wd) - lr scale O in the single-process rule.
+        for view in self.views:
+            if view.route == "muon":
+                group = self._group_of[view.buffer]
+                shard = self._buffers[view.buffer][view.offset : view.offset + view.numel]
+                shard.mul_(1.0 - group["lr"] * group["weight_decay"])
+
+        def deliver(matrix: MatrixPlan, slot: Slot, values: torch.Tensor) -> None:
+            lr = self._group_of[slot.buffer]["lr"]
+            scale = update_scale(matrix.rows, matrix.cols, cfg.scale_mode)
+            shard = self._buffers[slot.buffer][slot.begin : slot.end]
+            shard.add_(values.to(shard.dtype), alpha=-lr * scale)
+
+        for exchange in self._exchanges:
+            exchange.run(directions, lambda batch: orthogonalize(batch, cfg), deliver)
+
+    def _adamw_step(self, group: dict[str, Any], grads: list[torch.Tensor]) -> None:
+        params, group_grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for buffer, grad in zip(group["params"], grads, strict=True):
+            state = self.state[buffer]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(buffer)
+                state["exp_avg_sq"] = torch.zeros_like(buffer)
+            params.append(buffer)
+            group_grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        adamw_step(
+            params,
+            group_grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=group["lr"],
+            betas=self.config.adamw_betas,
+            eps=self.config.adamw_eps,
+            weight_decay=group["weight_decay"],
+        )
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank keeps (momentum, Adam moments; not steps)."""
+        return sum(
+            t.numel() * t.element_size()
+            for state in self.state.values()
+            for k, t in state.items()
+            if k != "step"
+        )
+
+
+def _check_agreement(everyone: list[dict[str, Any]]) -> None:
+    """Raise the same error on every rank if any rank's input disagrees or is invalid."""
+    for rank, mine in enumerate(everyone):
+        if mine["problem"]:
+            raise ValueError(f"muon_ds: rank {rank}: {mine['problem']}")
+    reference = everyone[0]["config"]
+    for rank, mine in enumerate(everyone):
+        for key, value in mine["config"].items():
+            if value != reference[key]:
+                raise ValueError(
+                    f"muon_ds: MuonConfig differs across ranks: {key}={reference[key]!r} on "
+                    f"rank 0 but {value!r} on rank {rank}; every rank must use the same config"
+                )
+        if mine["members"].keys() != everyone[0]["members"].keys():
+            raise ValueError(
+                f"muon_ds: rank {rank} names groups {sorted(mine['members'])}, rank 0 "
+                f"{sorted(everyone[0]['members'])}; every rank must name the same groups"
+            )
+    for rank, mine in enumerate(everyone):
+        for key, ranks in mine["members"].items():
+            if rank not in ranks:
+                raise ValueError(f"muon_ds: rank {rank}'s group {key!r} {list(ranks)} lacks it")
+            for peer in ranks:
+                if everyone[peer]["members"][key] != ranks:
+                    raise ValueError(
+                        f"muon_ds: group {key!r} disagrees across ranks: rank {rank} has "
+                        f"{list(ranks)}, its member rank {peer} has "
+                        f"{list(everyone[peer]['members'][key])}"
+                    )
