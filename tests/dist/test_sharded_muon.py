@@ -1,16 +1,24 @@
 """ShardedMuon on real gloo ranks against single-process ``muon_ds.Muon``.
 
 Every scenario runs the reference Muon on the unsharded model inside each rank (same
-seeds, same gradients), and each rank checks the elements it holds, so together the
-ranks check every element. Counted quantities are asserted exactly.
+seeds, same gradients) and each rank checks the elements it holds, so together the ranks
+check every element. Each scenario is one spawn of gloo processes (module-scoped
+fixtures) whose results several tests read. Counted quantities are asserted exactly.
+
+Tolerances: with ``ns_dtype="float32"`` only matmul summation order may differ, so
+2e-6; with the default bf16 Newton-Schulz the sharded path rounds exactly what the
+single-process path rounds (the wire carries the NS dtype), so results must be bitwise
+equal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from muon_ds import Muon, MuonConfig
 from muon_ds.sharded import ShardedMuon
@@ -18,6 +26,7 @@ from tests.dist.models import (
     DENSE_SHAPES,
     MOE_SHAPES,
     TP_SHAPES,
+    LocalParam,
     dense_dp_locals,
     make_grads,
     make_params,
@@ -28,35 +37,52 @@ from tests.dist.zero1 import read_shard, run_ranks, set_shard_grads, zero1_shard
 
 STEPS = 3
 FP32_TOL = 2e-6
-"""fp32 Newton-Schulz on both sides: only matmul summation order can differ."""
+CONFIGS = {
+    "fp32": MuonConfig(ns_dtype="float32"),
+    "bf16": MuonConfig(),
+    # Never move a matrix for balance: every matrix stays with its largest holder.
+    "locality": MuonConfig(owner_imbalance_limit=1e9),
+}
+TOLERANCE = {"fp32": FP32_TOL, "bf16": 0.0, "locality": 0.0}
 
 
-def _reference(shapes: dict[str, tuple[int, ...]], config: MuonConfig, steps: int):
+def _reference(shapes: dict[str, tuple[int, ...]], config: MuonConfig) -> dict[str, torch.Tensor]:
     params = make_params(shapes)
     optimizer = Muon(list(params.items()), config)
-    for step in range(steps):
+    for step in range(STEPS):
         for name, grad in make_grads(shapes, step).items():
             params[name].grad = grad
         optimizer.step()
     return params
 
 
-def _max_errors(shard, locals_after: list, skip: set[str] = frozenset()) -> dict[str, float]:
+def _train(
+    config: MuonConfig,
+    shapes: dict[str, tuple[int, ...]],
+    locals_of: Callable[[dict[str, torch.Tensor]], list[LocalParam]],
+    shard_of: Callable[[list[LocalParam]], Any],
+    process_groups: dict[str, Any],
+    group_ranks: dict[str, int],
+) -> dict[str, Any]:
+    """Train ``STEPS`` sharded steps; report errors against the reference and counts."""
+    shard = shard_of(locals_of(make_params(shapes)))
+    optimizer = ShardedMuon(shard.param_groups, shard.views, config, process_groups)
+    for step in range(STEPS):
+        local_grads = {lp.name: lp.values for lp in locals_of(make_grads(shapes, step))}
+        set_shard_grads(shard, local_grads)
+        optimizer.step()
+    expected = {lp.name: lp.values for lp in locals_of(_reference(shapes, config))}
     errors = {}
-    for lp in locals_after:
-        got = read_shard(shard, lp.name)
-        if got is None or lp.name in skip:
-            continue
-        start, end, values = got
-        expected = lp.values.reshape(-1)[start:end].float()
-        errors[lp.name] = (values - expected).abs().max().item()
-    return errors
-
-
-def _report(optimizer: ShardedMuon, shard, group_ranks: dict[str, int]) -> dict[str, Any]:
+    for name, values in expected.items():
+        held = read_shard(shard, name)
+        if held is not None:
+            start, end, got = held
+            errors[name] = (got - values.reshape(-1)[start:end]).abs().max().item()
     buffers = [(g["algorithm"], b) for g in shard.param_groups for b in g["params"]]
-    wire = 4 if optimizer.config.ns_dtype == "float32" else 2
+    wire = torch.finfo(getattr(torch, config.ns_dtype)).bits // 8
+    momentum = [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]
     return {
+        "errors": errors,
         "ns_matrices": optimizer.counter.ns_matrices,
         "matrices": {k: len(p.matrices) for k, p in optimizer.plans.items()},
         "bytes": {
@@ -76,32 +102,179 @@ def _report(optimizer: ShardedMuon, shard, group_ranks: dict[str, int]) -> dict[
         "expected_state_bytes": sum(
             (4 if algorithm == "muon" else 8) * b.numel() for algorithm, b in buffers
         ),
+        "momentum_dtypes": {str(m.dtype) for m in momentum},
+        "momentum_numel": sum(m.numel() for m in momentum),
+        "muon_buffer_numel": sum(b.numel() for a, b in buffers if a == "muon"),
+        "wire": wire,
+        "views": [(v.name, v.start, v.end) for v in shard.views if v.route == "muon"],
     }
 
 
-# --- pure data parallel -------------------------------------------------------------------
+# --- scenarios (run inside each gloo rank) -----------------------------------------------
 
 
-def _dense_dp(rank: int, world: int, config: MuonConfig) -> dict[str, Any]:
-    full = make_params(DENSE_SHAPES)
-    shard = zero1_shard({"dense": (dense_dp_locals(full, config), rank, world)})
-    optimizer = ShardedMuon(shard.param_groups, shard.views, config)
-    for step in range(STEPS):
-        set_shard_grads(shard, make_grads(DENSE_SHAPES, step))
-        optimizer.step()
-    reference = _reference(DENSE_SHAPES, config, STEPS)
+def _data_parallel(rank: int, world: int) -> dict[str, Any]:
+    def shard_of(locals_: list[LocalParam]) -> Any:
+        return zero1_shard({"dense": (locals_, rank, world)})
+
     return {
-        "errors": _max_errors(shard, dense_dp_locals(reference, config)),
-        **_report(optimizer, shard, {"dense": rank}),
+        name: _train(
+            config,
+            DENSE_SHAPES,
+            lambda full, c=config: dense_dp_locals(full, c),
+            shard_of,
+            {"dense": None},
+            {"dense": rank},
+        )
+        for name, config in CONFIGS.items()
     }
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
-def test_data_parallel_shards_match_single_process_muon(world: int, ns_dtype: str) -> None:
-    config = MuonConfig(ns_dtype=ns_dtype)
-    results = run_ranks(world, _dense_dp, config)
-    tolerance = FP32_TOL if ns_dtype == "float32" else 0.0
-    for rank, result in enumerate(results):
-        worst = max(result["errors"].values())
-        assert worst <= tolerance, (rank, result["errors"])
+def _tensor_parallel(rank: int, world: int) -> dict[str, Any]:
+    """World 4 as TP=2 x DP=2, rank = dp * 2 + tp; the exchange group is all four."""
+    tp, dp = rank % 2, rank // 2
+
+    def shard_of(locals_: list[LocalParam]) -> Any:
+        return zero1_shard({"dense": (locals_, dp, 2)})
+
+    return {
+        name: _train(
+            config,
+            TP_SHAPES,
+            lambda full, c=config: tp_locals(full, tp, 2, c),
+            shard_of,
+            {"dense": None},
+            {"dense": rank},
+        )
+        for name, config in CONFIGS.items()
+        if name != "locality"
+    }
+
+
+def _expert_parallel(rank: int, world: int) -> dict[str, Any]:
+    """World 4 as EP=2 with expert-DP=2 (rank = edp * 2 + ep); dense params DP=4."""
+    ep, edp = rank % 2, rank // 2
+    expert_groups = [dist.new_group([e, e + 2]) for e in range(2)]
+
+    def shard_of(locals_: list[LocalParam]) -> Any:
+        dense = [lp for lp in locals_ if lp.group == "dense"]
+        experts = [lp for lp in locals_ if lp.group == "expert"]
+        return zero1_shard({"dense": (dense, rank, world), "expert": (experts, edp, 2)})
+
+    return {
+        name: _train(
+            config,
+            MOE_SHAPES,
+            lambda full, c=config: moe_locals(full, ep, 2, c),
+            shard_of,
+            {"dense": None, "expert": expert_groups[ep]},
+            {"dense": rank, "expert": edp},
+        )
+        for name, config in CONFIGS.items()
+        if name != "locality"
+    }
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["dp2", "dp4"])
+def data_parallel(request: pytest.FixtureRequest) -> tuple[int, list[dict[str, Any]]]:
+    return request.param, run_ranks(request.param, _data_parallel)
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel() -> list[dict[str, Any]]:
+    return run_ranks(4, _tensor_parallel)
+
+
+@pytest.fixture(scope="module")
+def expert_parallel() -> list[dict[str, Any]]:
+    return run_ranks(4, _expert_parallel)
+
+
+def _assert_matches_reference(results: list[dict[str, Any]]) -> None:
+    for rank, by_config in enumerate(results):
+        for name, result in by_config.items():
+            worst = max(result["errors"].values())
+            assert worst <= TOLERANCE[name], (rank, name, result["errors"])
+
+
+# --- equivalence --------------------------------------------------------------------------
+
+
+def test_data_parallel_shards_equal_single_process_muon(data_parallel) -> None:
+    _, results = data_parallel
+    _assert_matches_reference(results)
+
+
+def test_tensor_parallel_logical_matrices_equal_single_process_muon(tensor_parallel) -> None:
+    """Column/row-parallel weights, interleaved QKV and gated fc1 at TP=2 x DP=2."""
+    _assert_matches_reference(tensor_parallel)
+
+
+def test_expert_parallel_experts_equal_single_process_muon(expert_parallel) -> None:
+    _assert_matches_reference(expert_parallel)
+
+
+# --- counted ------------------------------------------------------------------------------
+
+
+def _ns_once_per_matrix(results: list[dict[str, Any]], expected: dict[str, int]) -> None:
+    for name in results[0]:
+        per_group = {k: v for k, v in results[0][name]["matrices"].items()}
+        assert per_group == expected
+        total = sum(r[name]["ns_matrices"] for r in results)
+        # Expert groups: each instance (one per EP rank) has its own matrices.
+        instances = {"dense": 1, "expert": 2}
+        logical = sum(n * instances[k] for k, n in expected.items())
+        assert total == logical * STEPS, (name, total)
+
+
+def test_newton_schulz_runs_once_per_logical_matrix(
+    data_parallel, tensor_parallel, expert_parallel
+) -> None:
+    muon_params = [n for n, s in DENSE_SHAPES.items() if len(s) >= 2]
+    muon_params = [n for n in muon_params if "embed" not in n and "lm_head" not in n]
+    _ns_once_per_matrix(data_parallel[1], {"dense": len(muon_params)})
+    # Q, K, V, proj, gate, up, fc2
+    _ns_once_per_matrix(tensor_parallel, {"dense": 7})
+    # router, attn; per expert group: 2 experts x (fc1, fc2)
+    _ns_once_per_matrix(expert_parallel, {"dense": 2, "expert": 4})
+
+
+def test_exchange_bytes_equal_plan_prediction(
+    data_parallel, tensor_parallel, expert_parallel
+) -> None:
+    for results in (data_parallel[1], tensor_parallel, expert_parallel):
+        for result in (r for by_config in results for r in by_config.values()):
+            assert result["bytes"] == result["predicted"]
+
+
+def test_only_straddling_matrices_move_bytes_when_owners_keep_locality(data_parallel) -> None:
+    """Brute force from the views: each matrix costs 2 x (elements not on its largest holder)."""
+    _, results = data_parallel
+    held: dict[str, list[int]] = {}
+    for by_config in results:
+        for name, start, end in by_config["locality"]["views"]:
+            held.setdefault(name, []).append(end - start)
+    wire = results[0]["locality"]["wire"]
+    expected = sum(2 * wire * (sum(c) - max(c)) for c in held.values()) * STEPS
+    assert sum(r["locality"]["bytes"]["dense"] for r in results) == expected
+    whole = [n for n, c in held.items() if len(c) == 1]
+    assert whole, "the model must have matrices wholly inside one shard"
+    straddling = [n for n, c in held.items() if len(c) > 1]
+    assert straddling, "the model must have matrices cut by a shard boundary"
+
+
+def test_optimizer_state_is_fp32_and_shard_shaped(
+    data_parallel, tensor_parallel, expert_parallel
+) -> None:
+    for results in (data_parallel[1], tensor_parallel, expert_parallel):
+        for result in (r for by_config in results for r in by_config.values()):
+            assert result["state_bytes"] == result["expected_state_bytes"]
+            assert result["momentum_dtypes"] == {"torch.float32"}
+            assert result["momentum_numel"] == result["muon_buffer_numel"]
+
+
+def test_expert_matrices_move_only_within_their_expert_group(expert_parallel) -> None:
+    for result in (r for by_config in expert_parallel for r in by_config.values()):
+        assert set(result["bytes"]) == {"dense", "expert"}
+        assert result["bytes"]["expert"] == result["predicted"]["expert"]

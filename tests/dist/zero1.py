@@ -157,11 +157,11 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 240.0) -> l
                     p.kill()
     errors = {r: payload for r, (status, payload) in outcomes.items() if status == "error"}
     if errors:
-        raise RankErrors(errors)
+        raise RankError(errors)
     return [outcomes[r][1] for r in range(world)]
 
 
-class RankErrors(AssertionError):
+class RankError(AssertionError):
     """Some ranks raised; ``errors[rank]`` is each one's message and traceback."""
 
     def __init__(self, errors: dict[int, str]) -> None:
