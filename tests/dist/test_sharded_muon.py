@@ -13,6 +13,8 @@ equal.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -278,3 +280,125 @@ def test_expert_matrices_move_only_within_their_expert_group(expert_parallel) ->
     for result in (r for by_config in expert_parallel for r in by_config.values()):
         assert set(result["bytes"]) == {"dense", "expert"}
         assert result["bytes"]["expert"] == result["predicted"]["expert"]
+
+
+# --- bad input: the same clear error on every rank, no hang, nothing written ---------------
+
+
+def _bad_inputs(rank: int, world: int) -> dict[str, str]:
+    """Each case builds a ShardedMuon from one rank's bad input; returns each rank's error."""
+    config = MuonConfig()
+    pairs = [dist.new_group(r) for r in ([0, 1], [1, 2], [2, 3])]
+
+    def shard() -> Any:
+        return zero1_shard(
+            {"dense": (dense_dp_locals(make_params(DENSE_SHAPES), config), rank, world)}
+        )
+
+    def attempt(build: Callable[[], Any]) -> str:
+        try:
+            build()
+        except ValueError as error:
+            return str(error)
+        return "no error"
+
+    def with_views(change: Callable[[list], list]) -> Callable[[], Any]:
+        s = shard()
+        return lambda: ShardedMuon(s.param_groups, change(s.views), config)
+
+    def shifted(views: list) -> list:
+        if rank != 3:
+            return views
+        v = views[0]
+        return [dataclasses.replace(v, start=v.start - 1, end=v.end - 1), *views[1:]]
+
+    def too_long(views: list) -> list:
+        if rank != 2:
+            return views
+        return [dataclasses.replace(views[0], offset=10**6), *views[1:]]
+
+    def reshaped(views: list) -> list:
+        if rank != 1:
+            return views
+        muon = next(i for i, v in enumerate(views) if v.route == "muon")
+        rows, cols = views[muon].matrix_shape
+        views[muon] = dataclasses.replace(views[muon], matrix_shape=(cols, rows))
+        return views
+
+    s = shard()
+    groups_by_rank = {0: pairs[0], 1: pairs[1], 2: pairs[1], 3: pairs[2]}
+    return {
+        "config": attempt(
+            lambda: ShardedMuon(
+                s.param_groups, s.views, MuonConfig(lr=2e-3) if rank == 1 else config
+            )
+        ),
+        "buffer": attempt(with_views(too_long)),
+        "overlap": attempt(with_views(shifted)),
+        "shape": attempt(with_views(reshaped)),
+        "group": attempt(
+            lambda: ShardedMuon(s.param_groups, s.views, config, {"dense": groups_by_rank[rank]})
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_inputs() -> list[dict[str, str]]:
+    return run_ranks(4, _bad_inputs)
+
+
+EXPECTED_ERRORS = {
+    "config": r"MuonConfig differs across ranks: lr=0.001 on rank 0 but 0.002 on rank 1",
+    "buffer": r"rank 2: view '.*': elements \[1000000, .*\) do not fit buffer",
+    "overlap": r"parameter '.*' \(TP rank 0\): rank 3's range .* overlaps element",
+    "shape": r"rank 1 describes it as matrix_shape=",
+    "group": r"group 'dense' disagrees across ranks: rank 0 has \[0, 1\], its member rank 1 "
+    r"has \[1, 2\]",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED_ERRORS))
+def test_bad_input_raises_the_same_clear_error_on_every_rank(bad_inputs, case: str) -> None:
+    messages = {result[case] for result in bad_inputs}
+    assert len(messages) == 1, messages
+    assert re.search(EXPECTED_ERRORS[case], messages.pop())
+
+
+def _one_rank_sees_nan(rank: int, world: int) -> dict[str, Any]:
+    config = MuonConfig()
+    shard = zero1_shard(
+        {"dense": (dense_dp_locals(make_params(DENSE_SHAPES), config), rank, world)}
+    )
+    optimizer = ShardedMuon(shard.param_groups, shard.views, config)
+    buffers = [b for g in shard.param_groups for b in g["params"]]
+    set_shard_grads(shard, make_grads(DENSE_SHAPES, 0))
+    optimizer.step()
+    before = [b.clone() for b in buffers]
+    state_before = [v.clone() for s in optimizer.state.values() for v in s.values()]
+    set_shard_grads(shard, make_grads(DENSE_SHAPES, 1))
+    if rank == 1:
+        buffers[0].grad[3] = float("nan")
+    optimizer.step()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, buffers, strict=True))
+    state_after = [v for s in optimizer.state.values() for v in s.values()]
+    state_unchanged = len(state_before) == len(state_after) == 4 and all(
+        torch.equal(a, b) for a, b in zip(state_before, state_after, strict=True)
+    )
+    return {
+        "skipped": optimizer.last_step_skipped,
+        "skipped_steps": optimizer.skipped_steps,
+        "params_unchanged": unchanged,
+        "state_unchanged": state_unchanged,
+        "finite": all(b.isfinite().all().item() for b in buffers),
+    }
+
+
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank() -> None:
+    for result in run_ranks(2, _one_rank_sees_nan):
+        assert result == {
+            "skipped": True,
+            "skipped_steps": 1,
+            "params_unchanged": True,
+            "state_unchanged": True,
+            "finite": True,
+        }
