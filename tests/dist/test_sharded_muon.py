@@ -44,8 +44,10 @@ CONFIGS = {
     "bf16": MuonConfig(),
     # Never move a matrix for balance: every matrix stays with its largest holder.
     "locality": MuonConfig(owner_imbalance_limit=1e9),
+    # About 100 bytes per bucket: one matrix per bucket, so gathers overlap Newton-Schulz.
+    "small_buckets": MuonConfig(exchange_bucket_mb=1e-4),
 }
-TOLERANCE = {"fp32": FP32_TOL, "bf16": 0.0, "locality": 0.0}
+TOLERANCE = {"fp32": FP32_TOL, "bf16": 0.0, "locality": 0.0, "small_buckets": 0.0}
 
 
 def _reference(shapes: dict[str, tuple[int, ...]], config: MuonConfig) -> dict[str, torch.Tensor]:
@@ -100,6 +102,8 @@ def _train(
             for key, plan in optimizer.plans.items()
         },
         "imbalance": {k: p.imbalance() for k, p in optimizer.plans.items()},
+        "buckets": {k: len(p.buckets) for k, p in optimizer.plans.items()},
+        "exchanged": {k: len(p.matrices) - len(p.local) for k, p in optimizer.plans.items()},
         "state_bytes": optimizer.state_bytes(),
         "expected_state_bytes": sum(
             (4 if algorithm == "muon" else 8) * b.numel() for algorithm, b in buffers
@@ -205,6 +209,17 @@ def _assert_matches_reference(results: list[dict[str, Any]]) -> None:
 def test_data_parallel_shards_equal_single_process_muon(data_parallel) -> None:
     _, results = data_parallel
     _assert_matches_reference(results)
+
+
+def test_pipelined_buckets_give_the_same_result(data_parallel, tensor_parallel) -> None:
+    """Many in-flight buckets (gather of b+1 during NS of b) change nothing but the count."""
+    assert tensor_parallel[0]["small_buckets"]["buckets"]["dense"] > 2
+    for results in (data_parallel[1], tensor_parallel):
+        small = results[0]["small_buckets"]
+        assert small["buckets"]["dense"] == small["exchanged"]["dense"]
+        assert results[0]["bf16"]["buckets"]["dense"] == 1
+        for by_config in results:
+            assert by_config["small_buckets"]["bytes"] == by_config["bf16"]["bytes"]
 
 
 def test_tensor_parallel_logical_matrices_equal_single_process_muon(tensor_parallel) -> None:
