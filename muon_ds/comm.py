@@ -127,7 +127,7 @@ class Exchange:
             outgoing: dict[Piece, torch.Tensor] = {}
             owned = plan.owned(self.rank, plan.buckets[b])
             self._orthogonalize_owned(owned, incoming, directions, orthogonalize, deliver, outgoing)
-            scatters.append((b, *self._start_scatter(b, outgoing)))
+            scatters.append((b, *self._start_scatter(b, outgoing, directions[0].device)))
         for b, work, returned in scatters:
             work.wait()
             for piece, values in self._split(returned, self.transfers[b].send).items():
@@ -166,11 +166,10 @@ class Exchange:
         return self._all_to_all("muon_gather", send, transfer.send_counts(), transfer.recv_counts())
 
     def _start_scatter(
-        self, bucket: int, outgoing: dict[Piece, torch.Tensor]
+        self, bucket: int, outgoing: dict[Piece, torch.Tensor], device: torch.device
     ) -> tuple[dist.Work, torch.Tensor]:
         transfer = self.transfers[bucket]
         chunks = [outgoing[p] for pieces in transfer.recv for p in pieces]
-        device = chunks[0].device if chunks else torch.device("cpu")
         send = _concat(chunks, self.wire_dtype, device)
         return self._all_to_all(
             "muon_scatter", send, transfer.recv_counts(), transfer.send_counts()
