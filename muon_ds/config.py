@@ -17,6 +17,7 @@ from typing import Any
 NS_COEFFICIENT_SETS = ("moonlight", "polar_express")
 SCALE_MODES = ("moonlight", "keller", "spectral", "none")
 NS_DTYPES = ("bfloat16", "float32")
+NS_BACKENDS = ("auto", "torch", "triton")
 
 
 class MuonConfigError(ValueError):
@@ -50,6 +51,10 @@ class MuonConfig:
 
     ns_eps: float = 1e-7
     """Added to the Frobenius norm before normalising, so a zero matrix gives zeros."""
+
+    ns_backend: str = "auto"
+    """``auto``: Triton kernel for bf16 on CUDA when triton imports, else the torch
+    reference; ``torch``: always the reference; ``triton``: the kernel, error if unavailable."""
 
     scale_mode: str = "moonlight"
     """Update scale for an [A, B] matrix: ``moonlight`` 0.2*sqrt(max(A, B)),
@@ -95,6 +100,7 @@ class MuonConfig:
             )
         _check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
         _check_number("ns_eps", self.ns_eps, low=0.0, low_open=True)
+        _check_choice("ns_backend", self.ns_backend, NS_BACKENDS)
         _check_choice("scale_mode", self.scale_mode, SCALE_MODES)
         betas = self.adamw_betas
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -164,4 +170,11 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise MuonConfigError(f"{key}={value!r} is not allowed: expected one of {list(choices)}")
 
 
-__all__ = ["NS_COEFFICIENT_SETS", "NS_DTYPES", "SCALE_MODES", "MuonConfig", "MuonConfigError"]
+__all__ = [
+    "NS_BACKENDS",
+    "NS_COEFFICIENT_SETS",
+    "NS_DTYPES",
+    "SCALE_MODES",
+    "MuonConfig",
+    "MuonConfigError",
+]

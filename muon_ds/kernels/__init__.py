@@ -1,10 +1,15 @@
 """The one entry through which every optimizer orthogonalises: ``orthogonalize``.
 
-Today it runs the torch reference of ``muon_ds.math``; the fused Triton kernel plugs in
-here, so the single-process and the sharded optimizer never choose a path themselves.
+``config.ns_backend`` picks the implementation: the fused Triton kernel
+(``triton_newton_schulz``) or the torch reference of ``muon_ds.math``. The single-process
+and the sharded optimizer never choose a path themselves. triton is optional: it is
+imported only when the kernel is used, so muon_ds imports without it.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
 
 import torch
 
@@ -16,13 +21,49 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def orthogonalize(batch: torch.Tensor, config: MuonConfig) -> torch.Tensor:
     """Newton-Schulz of a ``[k, m, n]`` stack (or one ``[m, n]`` matrix) as ``config`` says."""
-    return newton_schulz(
+    return _implementation(batch, config)(
         batch,
         steps=config.ns_steps,
         coefficients=config.ns_coefficients,
         eps=config.ns_eps,
         dtype=_DTYPES[config.ns_dtype],
     )
+
+
+def _implementation(batch: torch.Tensor, config: MuonConfig) -> Callable[..., torch.Tensor]:
+    """The Newton-Schulz function ``config.ns_backend`` selects for ``batch``.
+
+    ``auto`` takes the kernel only where it pays: bf16 on a CUDA tensor, triton installed
+    (in fp32 the kernel has no tensor-core path; fp32 is for tight tests). ``triton``
+    insists, and also runs on the CPU when the kernel module was imported under
+    TRITON_INTERPRET=1 (Triton's interpreter: how the tests run it).
+    """
+    if config.ns_backend == "auto":
+        fast = batch.is_cuda and config.ns_dtype == "bfloat16" and _triton_installed()
+        return _kernel(batch) if fast else newton_schulz
+    return newton_schulz if config.ns_backend == "torch" else _kernel(batch)
+
+
+def _kernel(batch: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The Triton Newton-Schulz, or a clear error saying why it cannot run on ``batch``."""
+    if not _triton_installed():
+        raise RuntimeError(
+            "ns_backend='triton' needs the triton package (pip install 'muon_ds[triton]'); "
+            "use ns_backend='auto' or 'torch' to run the torch reference instead"
+        )
+    from muon_ds.kernels import triton_newton_schulz
+
+    if not (batch.is_cuda or triton_newton_schulz.INTERPRETED):
+        raise RuntimeError(
+            f"ns_backend='triton' needs a CUDA tensor, got one on {batch.device}; set "
+            "TRITON_INTERPRET=1 before importing muon_ds.kernels.triton_newton_schulz to run "
+            "the kernel on the CPU (slow: for tests), or use ns_backend='auto' or 'torch'"
+        )
+    return triton_newton_schulz.newton_schulz_triton
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 __all__ = ["orthogonalize"]

@@ -1,0 +1,208 @@
+"""The Triton Newton-Schulz kernel and the ``ns_backend`` dispatch, checked on the CPU.
+
+How the kernel runs without a GPU: Triton chooses between compiling and interpreting a
+kernel when it is decorated, i.e. when its module is imported (``@triton.jit`` reads
+TRITON_INTERPRET at that moment; triton 3.8). Setting the variable inside the pytest
+process would come too late if anything had imported the kernel module already, and would
+leak into every later test. So one child process started with TRITON_INTERPRET=1 runs this
+file as a script: it computes every kernel output the tests need and saves them; the tests
+compare them with the float64 and torch references computed in the parent.
+
+The interpreter is slow (about a second of CPU per 5-step Newton-Schulz on a 64 x 64
+matrix), so the shapes are small; they still span several of the interpreter's 32-row
+tiles, so the triangle, the mirror, the masks and the batch offsets are all exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from muon_ds import kernels
+from muon_ds.config import MuonConfig, MuonConfigError
+from muon_ds.kernels import orthogonalize
+from muon_ds.math import newton_schulz
+
+SHAPES: dict[str, tuple[int, ...]] = {
+    "square": (64, 64),
+    "tall": (80, 40),  # transposed to 40 x 80 first, like the reference
+    "wide": (48, 96),
+    "odd": (37, 53),  # no side a tile multiple
+    "batched": (2, 40, 56),  # one launch per kernel for both matrices
+}
+COEFFICIENTS = ("moonlight", "polar_express")
+SMALL = (16, 24)  # one tile: cheap enough to run twice in the child
+
+MARGIN = 1.10
+"""Allowed ratio of the kernel's error to the torch bf16 reference's (both against
+float64). Measured ratio: 0.4 to 0.7, since the kernel rounds each output element once
+(fp32 epilogues) where the reference rounds after every op; the 10% is room for bf16
+noise, which five Newton-Schulz steps amplify (see ENVIRONMENT.md)."""
+
+
+def _matrix(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """The same fp32 test input in the parent and in the child."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _relative_error(result: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((result.double() - exact).norm() / exact.norm()).item()
+
+
+def _run_kernels(path: str) -> None:
+    """Child process (TRITON_INTERPRET=1): every kernel output the tests use, saved to ``path``."""
+    from muon_ds.kernels import triton_newton_schulz as tns
+
+    assert tns.INTERPRETED, "the child must import the kernel module under TRITON_INTERPRET=1"
+    outputs = {}
+    for name, shape in SHAPES.items():
+        for coefficients in COEFFICIENTS:
+            config = MuonConfig(ns_backend="triton", ns_coefficients=coefficients)
+            outputs[f"{name}-{coefficients}"] = orthogonalize(_matrix(shape), config)
+    fp32 = MuonConfig(ns_backend="triton", ns_dtype="float32")
+    outputs["float32"] = orthogonalize(_matrix(SHAPES["odd"]), fp32)
+    outputs["small-dispatched"] = orthogonalize(_matrix(SMALL), MuonConfig(ns_backend="triton"))
+    outputs["small-direct"] = tns.newton_schulz_triton(_matrix(SMALL))
+    p, q = _symmetric_product_inputs()
+    outputs["gram"] = tns.symmetric_product(p, torch.full((2, 70, 70), float("nan")))
+    outputs["poly"] = tns.symmetric_product(
+        q, torch.full_like(q, float("nan")), alpha=2.0, beta=-3.0, add=q
+    )
+    torch.save(outputs, path)
+
+
+def _symmetric_product_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A [2, 70, 45] stack (3 x 3 tiles of 32, the last ones partial: 6 programs per
+    matrix) and a symmetric [2, 70, 70] stack, in fp32 so results compare tightly."""
+    p = _matrix((2, 70, 45), seed=1)
+    return p, p @ p.mT / 45
+
+
+@pytest.fixture(scope="module")
+def kernel_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    path = tmp_path_factory.mktemp("triton_ns") / "outputs.pt"
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    child = subprocess.run(
+        [sys.executable, __file__, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert child.returncode == 0, f"interpreter run failed:\n{child.stderr[-4000:]}"
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("coefficients", COEFFICIENTS)
+@pytest.mark.parametrize("name", SHAPES)
+def test_kernel_error_vs_float64_is_no_worse_than_torch_bf16_reference(
+    kernel_outputs: dict[str, torch.Tensor], name: str, coefficients: str
+) -> None:
+    matrix = _matrix(SHAPES[name])
+    exact = newton_schulz(matrix, coefficients=coefficients, dtype=torch.float64)
+    reference = newton_schulz(matrix, coefficients=coefficients)
+    result = kernel_outputs[f"{name}-{coefficients}"]
+    assert result.shape == matrix.shape
+    assert result.dtype == torch.bfloat16
+    kernel_error = _relative_error(result, exact)
+    reference_error = _relative_error(reference, exact)
+    assert kernel_error <= MARGIN * reference_error, (kernel_error, reference_error)
+
+
+def test_kernel_in_float32_computes_the_same_iteration_as_the_reference(
+    kernel_outputs: dict[str, torch.Tensor],
+) -> None:
+    """In fp32 rounding is far below the algorithm's scale: this catches a wrong
+    coefficient, transpose or epilogue that the bf16 noise above could hide."""
+    matrix = _matrix(SHAPES["odd"])
+    reference = newton_schulz(matrix, dtype=torch.float32)
+    assert _relative_error(kernel_outputs["float32"], reference.double()) < 1e-4
+
+
+def test_symmetric_product_writes_the_mirrored_triangle(
+    kernel_outputs: dict[str, torch.Tensor],
+) -> None:
+    """The output buffer starts as NaN: a tile left unwritten (the mirror) stays NaN."""
+    p, _ = _symmetric_product_inputs()
+    gram = kernel_outputs["gram"]
+    torch.testing.assert_close(gram, p @ p.mT, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gram, gram.mT)
+
+
+def test_symmetric_product_adds_the_scaled_term_in_its_epilogue(
+    kernel_outputs: dict[str, torch.Tensor],
+) -> None:
+    """``B = c A A + b A`` in one kernel call, on a NaN-filled buffer, both triangles."""
+    _, q = _symmetric_product_inputs()
+    poly = kernel_outputs["poly"]
+    torch.testing.assert_close(poly, 2.0 * (q @ q) - 3.0 * q, rtol=1e-5, atol=1e-5)
+    assert torch.equal(poly, poly.mT)
+
+
+def test_triton_backend_runs_the_kernel_under_the_interpreter(
+    kernel_outputs: dict[str, torch.Tensor],
+) -> None:
+    dispatched = kernel_outputs["small-dispatched"]
+    assert torch.equal(dispatched, kernel_outputs["small-direct"])
+    assert not torch.equal(dispatched, newton_schulz(_matrix(SMALL)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_torch_and_auto_backends_on_cpu_run_the_reference(backend: str) -> None:
+    matrix = _matrix((3, 24, 40))
+    result = orthogonalize(matrix, MuonConfig(ns_backend=backend))
+    assert torch.equal(result, newton_schulz(matrix))
+
+
+def test_triton_backend_on_cpu_without_interpreter_raises_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from muon_ds.kernels import triton_newton_schulz
+
+    monkeypatch.setattr(triton_newton_schulz, "INTERPRETED", False)
+    with pytest.raises(
+        RuntimeError, match=r"ns_backend='triton' needs a CUDA tensor, got one on cpu"
+    ):
+        orthogonalize(_matrix(SMALL), MuonConfig(ns_backend="triton"))
+
+
+def test_triton_backend_without_triton_installed_raises_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kernels, "_triton_installed", lambda: False)
+    with pytest.raises(RuntimeError, match=r"needs the triton package \(pip install"):
+        orthogonalize(_matrix(SMALL), MuonConfig(ns_backend="triton"))
+    auto = orthogonalize(_matrix(SMALL), MuonConfig(ns_backend="auto"))
+    assert torch.equal(auto, newton_schulz(_matrix(SMALL)))
+
+
+def test_ns_backend_error_names_key_value_and_allowed_values() -> None:
+    with pytest.raises(MuonConfigError, match=r"ns_backend='cuda'.*\['auto', 'torch', 'triton'\]"):
+        MuonConfig(ns_backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled kernel")
+@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024), (8, 352, 512), (1000, 1000)])
+def test_compiled_kernel_on_gpu_is_no_worse_than_torch_bf16_reference(
+    shape: tuple[int, ...],
+) -> None:
+    matrix = _matrix(shape).cuda()
+    exact = newton_schulz(matrix, dtype=torch.float64)
+    reference_error = _relative_error(newton_schulz(matrix), exact)
+    result = orthogonalize(matrix, MuonConfig(ns_backend="triton"))
+    assert _relative_error(result, exact) <= MARGIN * reference_error
+
+
+if __name__ == "__main__":
+    _run_kernels(sys.argv[1])
