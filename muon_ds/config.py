@@ -115,7 +115,9 @@ class MuonConfig:
         _check_number("exchange_bucket_mb", self.exchange_bucket_mb, low=0.0, low_open=True)
         for key in ("muon_patterns", "adamw_patterns"):
             value = getattr(self, key)
-            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+            # A str is iterable but is one pattern, not a list; a number or None is not
+            # iterable at all and must fail here with the key, not later with a TypeError.
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
                 raise MuonConfigError(
                     f"{key}={value!r} is not allowed: expected a list of name patterns (strings)"
                 )
@@ -156,7 +158,9 @@ def _check_number(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    allowed = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    # Non-finite values are always rejected, so an infinite bound prints as open: "[0.0, inf)".
+    closed_high = not high_open and math.isfinite(high)
+    allowed = f"a number in {'(' if low_open else '['}{low}, {high}{']' if closed_high else ')'}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise MuonConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
     too_low = value <= low if low_open else value < low
