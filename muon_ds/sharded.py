@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -35,38 +35,34 @@ from muon_ds.plan import MatrixPlan, Plan, PlanError, build_plan
 logger = logging.getLogger("muon_ds")
 
 _NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+MOMENTUM = "momentum_buffer"
+"""State key of Muon's fp32 momentum, as in ``torch.optim`` and ``muon_ds.Muon``."""
 
 
-class ShardedMuon(torch.optim.Optimizer):
-    """Muon + AdamW over ZeRO-1 shard buffers, each matrix orthogonalised exactly once.
+class ShardedMuonCore:
+    """The sharded step over fixed buffers: plans at construction, one ``run`` per step.
 
-    ``param_groups``: torch-style groups of flat shard buffers with ``"algorithm"`` set;
-    a buffer is referenced by its position across all groups. ``views``: this rank's
-    ``ShardView``s. ``process_groups`` maps each view's ``group`` name ("dense",
-    "expert", ...) to the process group spanning every rank that holds a piece of those
-    parameters (DP, DP x TP, expert-DP); ``None`` means the default group.
-
-    A buffer with no gradient is treated as a zero gradient (ZeRO semantics: an unused
-    parameter's averaged gradient is zero); collectives stay matched across ranks.
-    Non-finite gradients on any rank skip the step on every rank, as in ``muon_ds.Muon``.
+    ``buffers`` are flat fp32 shard tensors, each wholly ``"muon"`` or ``"adamw"``
+    (``algorithms``); ``views`` say which parameter elements each holds; ``process_groups``
+    maps each view's ``group`` name ("dense", "expert", ...) to the process group spanning
+    every rank that holds a piece of those parameters (DP, DP x TP, expert-DP); ``None``
+    means the default group. Optimizer state lives with the caller (a torch optimizer's
+    ``state``), so frameworks checkpoint it their usual way.
     """
 
     def __init__(
         self,
-        param_groups: Sequence[dict[str, Any]],
+        buffers: Sequence[torch.Tensor],
+        algorithms: Sequence[str],
         views: Sequence[ShardView],
         config: MuonConfig,
         process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
     ) -> None:
-        self.config = config
+        self.buffers = list(buffers)
+        self.algorithms = list(algorithms)
         self.views = tuple(views)
+        self.config = config
         self.counter = CommCounter()
-        self.skipped_steps = 0
-        self.last_step_skipped = False
-        defaults = {"lr": config.lr, "weight_decay": config.weight_decay}
-        super().__init__([dict(g) for g in param_groups], defaults)
-        self._buffers = [p for g in self.param_groups for p in g["params"]]
-        self._group_of = [g for g in self.param_groups for _ in g["params"]]
         groups = dict(process_groups or {"dense": None})
         problem = self._local_problem(groups)
         self.plans, self._exchanges = self._agree_and_plan(groups, problem)
@@ -75,16 +71,16 @@ class ShardedMuon(torch.optim.Optimizer):
 
     def _local_problem(self, groups: Mapping[str, Any]) -> str | None:
         """A description of what is wrong with this rank's own input, or None."""
-        for group in self.param_groups:
-            if group.get("algorithm") not in ("muon", "adamw"):
-                return f"param group has algorithm={group.get('algorithm')!r}; allowed: muon, adamw"
+        for algorithm in self.algorithms:
+            if algorithm not in ("muon", "adamw"):
+                return f"a buffer has algorithm={algorithm!r}; allowed: muon, adamw"
         for view in self.views:
-            if not 0 <= view.buffer < len(self._buffers):
+            if not 0 <= view.buffer < len(self.buffers):
                 return (
-                    f"view {view.name!r} names buffer {view.buffer}; there are {len(self._buffers)}"
+                    f"view {view.name!r} names buffer {view.buffer}; there are {len(self.buffers)}"
                 )
-            buffer = self._buffers[view.buffer]
-            algorithm = self._group_of[view.buffer]["algorithm"]
+            buffer = self.buffers[view.buffer]
+            algorithm = self.algorithms[view.buffer]
             if algorithm != view.route:
                 return (
                     f"view {view.name!r} is routed to {view.route} but lies in buffer "
@@ -172,29 +168,21 @@ class ShardedMuon(torch.optim.Optimizer):
 
     # -- step -------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._buffers]
-        self.last_step_skipped = not self._all_ranks_finite(grads)
-        if self.last_step_skipped:
-            self.skipped_steps += 1
-            logger.warning(
-                "muon_ds: non-finite gradient on some rank, step skipped on every rank (%d so far)",
-                self.skipped_steps,
-            )
-            return loss
-        position = 0
-        for group in self.param_groups:
-            count = len(group["params"])
-            if group["algorithm"] == "adamw":
-                self._adamw_step(group, grads[position : position + count])
-            position += count
-        self._muon_step(grads)
-        return loss
+    def run(self, hyper: Sequence[tuple[float, float]], state: MutableMapping[Any, Any]) -> bool:
+        """One step; ``hyper[i]`` is buffer i's (lr, weight_decay). False if skipped.
+
+        Reads each buffer's ``.grad`` (a missing one counts as zero: ZeRO's averaged
+        gradient of an unused parameter). A non-finite gradient on any rank skips the
+        step on every rank, leaving parameters and ``state`` untouched.
+        """
+        grads = [b.grad if b.grad is not None else torch.zeros_like(b) for b in self.buffers]
+        if not self._all_ranks_finite(grads):
+            return False
+        for index, buffer in enumerate(self.buffers):
+            if self.algorithms[index] == "adamw":
+                self._adamw_step(buffer, grads[index], *hyper[index], state[buffer])
+        self._muon_step(grads, hyper, state)
+        return True
 
     def _all_ranks_finite(self, grads: list[torch.Tensor]) -> bool:
         bad = (~all_finite(grads)).to(torch.int32).reshape(1)
@@ -203,61 +191,119 @@ class ShardedMuon(torch.optim.Optimizer):
             self.counter.record("finite_check", "world", bad.element_size())
         return not bool(bad.item())
 
-    def _muon_step(self, grads: list[torch.Tensor]) -> None:
+    def _muon_step(
+        self,
+        grads: list[torch.Tensor],
+        hyper: Sequence[tuple[float, float]],
+        state: MutableMapping[Any, Any],
+    ) -> None:
         cfg = self.config
         directions: list[torch.Tensor] = []
-        for index, buffer in enumerate(self._buffers):
-            if self._group_of[index]["algorithm"] != "muon":
+        for index, buffer in enumerate(self.buffers):
+            if self.algorithms[index] != "muon":
                 directions.append(buffer.new_empty(0))
                 continue
-            state = self.state[buffer]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(buffer, dtype=torch.float32)
+            buffer_state = state[buffer]
+            if MOMENTUM not in buffer_state:
+                buffer_state[MOMENTUM] = torch.zeros_like(buffer, dtype=torch.float32)
             directions.append(
                 muon_direction(
-                    state["momentum_buffer"], grads[index], mu=cfg.momentum, nesterov=cfg.nesterov
+                    buffer_state[MOMENTUM], grads[index], mu=cfg.momentum, nesterov=cfg.nesterov
                 )
             )
         # Decoupled decay first, as W (1 - lr wd) - lr scale O in the single-process rule.
         for view in self.views:
             if view.route == "muon":
-                group = self._group_of[view.buffer]
-                shard = self._buffers[view.buffer][view.offset : view.offset + view.numel]
-                shard.mul_(1.0 - group["lr"] * group["weight_decay"])
+                lr, weight_decay = hyper[view.buffer]
+                shard = self.buffers[view.buffer][view.offset : view.offset + view.numel]
+                shard.mul_(1.0 - lr * weight_decay)
 
         def deliver(matrix: MatrixPlan, slot: Slot, values: torch.Tensor) -> None:
-            lr = self._group_of[slot.buffer]["lr"]
             scale = update_scale(matrix.rows, matrix.cols, cfg.scale_mode)
-            shard = self._buffers[slot.buffer][slot.begin : slot.end]
-            shard.add_(values.to(shard.dtype), alpha=-lr * scale)
+            shard = self.buffers[slot.buffer][slot.begin : slot.end]
+            shard.add_(values.to(shard.dtype), alpha=-hyper[slot.buffer][0] * scale)
 
         for exchange in self._exchanges:
             exchange.run(directions, lambda batch: orthogonalize(batch, cfg), deliver)
 
-    def _adamw_step(self, group: dict[str, Any], grads: list[torch.Tensor]) -> None:
-        params, group_grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for buffer, grad in zip(group["params"], grads, strict=True):
-            state = self.state[buffer]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(buffer)
-                state["exp_avg_sq"] = torch.zeros_like(buffer)
-            params.append(buffer)
-            group_grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+    def _adamw_step(
+        self,
+        buffer: torch.Tensor,
+        grad: torch.Tensor,
+        lr: float,
+        weight_decay: float,
+        buffer_state: MutableMapping[str, Any],
+    ) -> None:
+        if not buffer_state:
+            buffer_state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            buffer_state["exp_avg"] = torch.zeros_like(buffer)
+            buffer_state["exp_avg_sq"] = torch.zeros_like(buffer)
         adamw_step(
-            params,
-            group_grads,
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
-            lr=group["lr"],
+            [buffer],
+            [grad],
+            [buffer_state["exp_avg"]],
+            [buffer_state["exp_avg_sq"]],
+            [buffer_state["step"]],
+            lr=lr,
             betas=self.config.adamw_betas,
             eps=self.config.adamw_eps,
-            weight_decay=group["weight_decay"],
+            weight_decay=weight_decay,
         )
+
+
+class ShardedMuon(torch.optim.Optimizer):
+    """Muon + AdamW over ZeRO-1 shard buffers, each matrix orthogonalised exactly once.
+
+    ``param_groups``: torch-style groups of flat shard buffers, each with
+    ``"algorithm"`` set; a buffer is referenced by its position across all groups.
+    ``views`` and ``process_groups``: as for ``ShardedMuonCore``. ``lr`` and
+    ``weight_decay`` are read from the groups at every step, so LR schedulers work.
+    Non-finite gradients skip the step on every rank, as in ``muon_ds.Muon``.
+    """
+
+    def __init__(
+        self,
+        param_groups: Sequence[dict[str, Any]],
+        views: Sequence[ShardView],
+        config: MuonConfig,
+        process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        defaults = {"lr": config.lr, "weight_decay": config.weight_decay}
+        super().__init__([dict(g) for g in param_groups], defaults)
+        self.core = ShardedMuonCore(
+            [p for g in self.param_groups for p in g["params"]],
+            [g.get("algorithm") for g in self.param_groups for _ in g["params"]],
+            views,
+            config,
+            process_groups,
+        )
+
+    @property
+    def counter(self) -> CommCounter:
+        return self.core.counter
+
+    @property
+    def plans(self) -> dict[str, Plan]:
+        return self.core.plans
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        hyper = [(g["lr"], g["weight_decay"]) for g in self.param_groups for _ in g["params"]]
+        self.last_step_skipped = not self.core.run(hyper, self.state)
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+            logger.warning(
+                "muon_ds: non-finite gradient on some rank, step skipped on every rank (%d so far)",
+                self.skipped_steps,
+            )
+        return loss
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank keeps (momentum, Adam moments; not steps)."""
