@@ -1,0 +1,188 @@
+"""The optimizer DeepSpeed builds for ``"type": "MuonDS"``: a thin shell around the core.
+
+DeepSpeed constructs it with the model's parameters and the JSON ``"params"``, then
+ZeRO-1/2 flattens each param group into one fp32 partition per rank and calls ``step()``
+once per group with only that group in ``param_groups`` (all groups at once under
+``BF16_Optimizer``). Before that swap we split every user group into a Muon half and an
+AdamW half and remember each half's model parameters; at a group's first step its
+``ShardedMuonCore`` is built from DeepSpeed's own partition map (each parameter's
+``_hp_mapping``) and its DP group (``param._dp_group``, the expert-DP group for MoE).
+
+The class name deliberately lacks "muon": DeepSpeed 0.19.8 enters its own Muon code path
+when the optimizer's class name contains it (``_is_muon_group`` in stage_1_and_2.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+from muon_ds.config import MuonConfig
+from muon_ds.layout import ShardView, route_param, tag_embeddings
+from muon_ds.math import matrix_shape
+from muon_ds.sharded import ShardedMuonCore
+
+GROUP_KEY = "muon_ds_group"
+"""Param-group key naming which split half a group is (a plain int, saved by torch)."""
+
+
+class UnsupportedDeepSpeedSetupError(RuntimeError):
+    """The DeepSpeed configuration is one muon_ds does not train correctly."""
+
+
+class DeepSpeedZeroOrtho(torch.optim.Optimizer):
+    """muon_ds under DeepSpeed ZeRO stage 1 or 2 (registered as ``"MuonDS"``)."""
+
+    def __init__(self, params: Iterable[Any], **config_params: Any) -> None:
+        self.config = MuonConfig.from_dict(config_params)
+        engine = _building_engine()
+        names: dict[int, str] = {}
+        if engine is not None:
+            _refuse_unsupported(engine)
+            tag_embeddings(engine.module)
+            names = {id(p): n for n, p in engine.module.named_parameters()}
+        groups, self._model_params = _split_groups(params, self.config, names)
+        self._names = names
+        defaults = {"lr": self.config.lr, "weight_decay": self.config.weight_decay}
+        super().__init__(groups, defaults)
+        self._cores: dict[int, ShardedMuonCore] = {}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            core = self._cores.get(group[GROUP_KEY]) or self._build_core(group)
+            core.run([(group["lr"], group["weight_decay"])], self.state)
+            # DeepSpeed links optimizer-state views for safe_get_full_optimizer_state only
+            # after group 0's first step; linking every group here keeps it working for all.
+            lazy_init_hp_params_optimizer_state(
+                self._model_params[group[GROUP_KEY]], group["params"][0], self.state
+            )
+        return loss
+
+    def _build_core(self, group: dict[str, Any]) -> ShardedMuonCore:
+        key = group[GROUP_KEY]
+        model_params = self._model_params[key]
+        if len(group["params"]) != 1:
+            raise UnsupportedDeepSpeedSetupError(
+                f"MuonDS expects ZeRO stage 1 or 2 to hand it one flat partition per param "
+                f"group, got {len(group['params'])} tensors; enable zero_optimization stage 1 or 2"
+            )
+        views = []
+        for index, param in enumerate(model_params):
+            if hasattr(param, "ds_id"):
+                raise UnsupportedDeepSpeedSetupError(
+                    "MuonDS supports ZeRO stage 1 and 2, not stage 3"
+                )
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            if mapping.use_offload:
+                raise UnsupportedDeepSpeedSetupError(
+                    "MuonDS does not support offload_optimizer; remove it from zero_optimization"
+                )
+            start = mapping.lp_fragment_address.start
+            numel = mapping.lp_fragment_address.numel
+            views.append(
+                ShardView(
+                    name=f"{key}.{index}:{self._names.get(id(param), '')}",
+                    matrix_shape=(
+                        matrix_shape(param.shape)
+                        if group["algorithm"] == "muon"
+                        else (1, param.numel())
+                    ),
+                    start=start,
+                    end=start + numel,
+                    buffer=0,
+                    offset=mapping.hp_fragment_address.start,
+                    route=group["algorithm"],
+                )
+            )
+        dp_group = getattr(model_params[0], "_dp_group", None) if model_params else None
+        core = ShardedMuonCore(
+            group["params"], [group["algorithm"]], views, self.config, {"dense": dp_group}
+        )
+        self._cores[key] = core
+        return core
+
+    def exchange_bytes(self) -> int:
+        """Bytes this rank sent in Muon exchanges since construction (all groups)."""
+        return sum(core.counter.total_bytes() for core in self._cores.values())
+
+    def ns_matrices(self) -> int:
+        """Matrices this rank orthogonalised since construction (all groups)."""
+        return sum(core.counter.ns_matrices for core in self._cores.values())
+
+
+def _split_groups(
+    params: Iterable[Any], config: MuonConfig, names: dict[int, str]
+) -> tuple[list[dict[str, Any]], dict[int, list[torch.Tensor]]]:
+    """User groups -> a Muon half and an AdamW half each, remembering their model params.
+
+    ZeRO flattens each group into one partition, so each half becomes a buffer that is
+    wholly Muon (fp32 momentum, 4 bytes/element) or wholly AdamW (8 bytes/element).
+    """
+    items = list(params)
+    user_groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    groups: list[dict[str, Any]] = []
+    model_params: dict[int, list[torch.Tensor]] = {}
+    for user_group in user_groups:
+        halves: dict[str, list[torch.Tensor]] = {"muon": [], "adamw": []}
+        for param in user_group["params"]:
+            if getattr(param, "use_muon", False):
+                raise UnsupportedDeepSpeedSetupError(
+                    "a parameter carries use_muon=True, DeepSpeed's own Muon tag; MuonDS routes "
+                    "with muon_ds.set_route(param, 'muon') instead (remove use_muon)"
+                )
+            halves[route_param(names.get(id(param)), param, config)].append(param)
+        extra = {k: v for k, v in user_group.items() if k != "params"}
+        for algorithm, members in halves.items():
+            if members:
+                key = len(groups)
+                model_params[key] = members
+                groups.append({**extra, "params": members, "algorithm": algorithm, GROUP_KEY: key})
+    return groups, model_params
+
+
+def _building_engine() -> Any | None:
+    """The DeepSpeedEngine constructing this optimizer, found on the call stack, if any.
+
+    DeepSpeed passes no engine to a config-built optimizer; reading it from the caller's
+    frame lets unsupported setups fail inside ``deepspeed.initialize``, before training.
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, DeepSpeedEngine):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _refuse_unsupported(engine: Any) -> None:
+    stage = engine.zero_optimization_stage()
+    if stage not in (1, 2):
+        raise UnsupportedDeepSpeedSetupError(
+            f"MuonDS needs zero_optimization stage 1 or 2, got {stage}: it shards Muon's "
+            "momentum like ZeRO-1 and exchanges only partition-straddling matrices"
+        )
+    if engine.zero_cpu_offload():
+        raise UnsupportedDeepSpeedSetupError(
+            "MuonDS does not support offload_optimizer; remove it from zero_optimization"
+        )
+    zero_config = engine._config.zero_config
+    if zero_config.round_robin_gradients:
+        raise UnsupportedDeepSpeedSetupError(
+            "MuonDS does not support round_robin_gradients: DeepSpeed 0.19.8's partition map "
+            "(_hp_mapping) does not follow the round-robin order; set it to false"
+        )

@@ -1,0 +1,219 @@
+"""muon_ds through DeepSpeed ZeRO-1/2 on gloo CPU ranks, against single-process Muon.
+
+Each rank trains ``TinyLM`` with ``"type": "MuonDS"`` and also replays the same steps on
+an unsharded copy with ``muon_ds.Muon``, feeding it the DP- and micro-step-averaged
+gradient (clipped like DeepSpeed when clipping is on). Full fp32 params and optimizer
+state are read back through DeepSpeed's own ``safe_get_full_*`` helpers.
+Tolerance: ``ns_dtype="float32"`` so only reduction order differs (all-reduce vs a local
+mean): 2e-5 absolute on params whose updates are ~1e-2.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from typing import Any
+
+import pytest
+import torch
+
+from muon_ds import Muon, MuonConfig, MuonConfigError
+from tests.dist.zero1 import run_ranks
+from tests.integration.deepspeed_harness import TinyLM, batch, ds_config, use_gloo_only
+
+STEPS = 3
+TOL = 2e-5
+MUON_PARAMS = {"lr": 0.02, "weight_decay": 0.1, "ns_dtype": "float32"}
+MATRICES = ("up.weight", "mid.weight", "down.weight")
+
+
+def _reference(world: int, gas: int, clip: float) -> tuple[TinyLM, Muon, float]:
+    """The unsharded run; also returns the last step's raw (pre-clipping) gradient norm."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = Muon(model, MuonConfig.from_dict(MUON_PARAMS))
+    raw_norm = 0.0
+    for step in range(STEPS):
+        model.zero_grad()
+        for rank in range(world):
+            for micro in range(gas):
+                (model(batch(step, rank, micro)) / (gas * world)).backward()
+        raw_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf")))
+        optimizer.step()
+    return model, optimizer, raw_norm
+
+
+def _engine(config: dict[str, Any]) -> Any:
+    import deepspeed
+
+    import muon_ds.deepspeed  # noqa: F401  (registers "MuonDS")
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
+    return engine
+
+
+def _train(engine: Any, rank: int, gas: int, steps: range) -> None:
+    for step in steps:
+        for micro in range(gas):
+            engine.backward(engine(batch(step, rank, micro)))
+            engine.step()
+
+
+def _compare(engine: Any, reference: TinyLM, optimizer: Muon) -> dict[str, float]:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    errors = {}
+    ref_params = dict(reference.named_parameters())
+    for name, param in engine.module.named_parameters():
+        ref = ref_params[name]
+        errors[name] = (safe_get_full_fp32_param(param) - ref).abs().max().item()
+        key = "momentum_buffer" if name in MATRICES else "exp_avg"
+        state = safe_get_full_optimizer_state(param, key)
+        errors[f"{name}:{key}"] = (state - optimizer.state[ref][key]).abs().max().item()
+    return errors
+
+
+def _zero_cases(rank: int, world: int) -> dict[str, Any]:
+    use_gloo_only(rank, world)
+    from deepspeed.runtime.zero.muon import original_muon
+
+    entered = []
+    original_muon.muon_update = lambda *args, **kwargs: entered.append(1)
+    results: dict[str, Any] = {}
+    cases = {
+        "stage1": ({}, 1, 0.0),
+        "stage1_gas2_clip": (
+            {"gradient_accumulation_steps": 2, "gradient_clipping": 0.05},
+            2,
+            0.05,
+        ),
+        "stage2": ({"zero_optimization": {"stage": 2}}, 1, 0.0),
+    }
+    for name, (overrides, gas, clip) in cases.items():
+        engine = _engine(ds_config({"type": "MuonDS", "params": MUON_PARAMS}, **overrides))
+        _train(engine, rank, gas, range(STEPS))
+        reference, optimizer, raw_norm = _reference(world, gas, clip)
+        results[name] = {
+            "raw_norm": raw_norm,
+            "deepspeed_muon_calls": len(entered),
+            "errors": _compare(engine, reference, optimizer),
+            "ns_matrices": engine.basic_optimizer.ns_matrices(),
+            "exchange_bytes": engine.basic_optimizer.exchange_bytes(),
+            "wrapper": type(engine.optimizer).__name__,
+            "grad_norm": float(engine.get_global_grad_norm()),
+        }
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["dp2", "dp4"])
+def zero_runs(request: pytest.FixtureRequest) -> tuple[int, list[dict[str, Any]]]:
+    return request.param, run_ranks(request.param, _zero_cases, timeout=900)
+
+
+def test_zero_training_equals_single_process_muon(zero_runs) -> None:
+    """Params and optimizer state after 3 steps, ZeRO-1, ZeRO-1 with GAS 2 + clipping, ZeRO-2."""
+    _, results = zero_runs
+    for rank, by_case in enumerate(results):
+        for case, result in by_case.items():
+            assert result["wrapper"] == "DeepSpeedZeroOptimizer"
+            worst = max(result["errors"].values())
+            assert worst <= TOL, (rank, case, result["errors"])
+
+
+def test_each_matrix_is_orthogonalised_once_per_step_across_ranks(zero_runs) -> None:
+    _, results = zero_runs
+    for case in results[0]:
+        assert sum(r[case]["ns_matrices"] for r in results) == len(MATRICES) * STEPS
+
+
+def test_reported_grad_norm_is_the_raw_gradient_norm(zero_runs) -> None:
+    """Clipping and the reported norm use the raw gradients, never orthogonalised updates."""
+    _, results = zero_runs
+    for by_case in results:
+        for result in by_case.values():
+            assert result["grad_norm"] == pytest.approx(result["raw_norm"], rel=1e-5)
+
+
+def test_deepspeed_own_muon_path_is_never_entered(zero_runs) -> None:
+    """DeepSpeed switches to its Muon on a class name with "muon" or params with use_muon."""
+    _, results = zero_runs
+    for by_case in results:
+        assert all(result["deepspeed_muon_calls"] == 0 for result in by_case.values())
+
+
+# --- resume -------------------------------------------------------------------------------
+
+
+def _resume(rank: int, world: int, directory: str) -> dict[str, float]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    use_gloo_only(rank, world)
+    config = ds_config({"type": "MuonDS", "params": MUON_PARAMS})
+    straight = _engine(config)
+    _train(straight, rank, 1, range(2))
+    straight.save_checkpoint(directory, tag="step2")
+    _train(straight, rank, 1, range(2, 4))
+    resumed = _engine(config)
+    resumed.load_checkpoint(directory, tag="step2")
+    _train(resumed, rank, 1, range(2, 4))
+    return {
+        name: (safe_get_full_fp32_param(a) - safe_get_full_fp32_param(b)).abs().max().item()
+        for (name, a), (_, b) in zip(
+            straight.module.named_parameters(), resumed.module.named_parameters(), strict=True
+        )
+    }
+
+
+def test_checkpoint_resume_continues_bit_identically() -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        for differences in run_ranks(2, _resume, directory, timeout=900):
+            assert max(differences.values()) == 0.0, differences
+
+
+# --- refusals and config errors -------------------------------------------------------------
+
+
+def _refusals(rank: int, world: int) -> dict[str, str]:
+    use_gloo_only(rank, world)
+    cases = {
+        "stage0": ds_config({"type": "MuonDS", "params": {}}, zero_optimization={"stage": 0}),
+        "stage3": ds_config({"type": "MuonDS", "params": {}}, zero_optimization={"stage": 3}),
+        "offload": ds_config(
+            {"type": "MuonDS", "params": {}},
+            zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}},
+        ),
+        "bad_param": ds_config({"type": "MuonDS", "params": {"momentum": 1.5}}),
+        "unknown_key": ds_config({"type": "MuonDS", "params": {"muon_lr": 0.1}}),
+    }
+    messages = {}
+    for name, config in cases.items():
+        try:
+            _engine(config)
+            messages[name] = "no error"
+        except (RuntimeError, MuonConfigError, ValueError, AssertionError) as error:
+            messages[name] = f"{type(error).__name__}: {error}"
+    return messages
+
+
+EXPECTED_REFUSALS = {
+    "stage0": r"UnsupportedDeepSpeedSetupError: MuonDS needs zero_optimization stage 1 or 2, got 0",
+    "stage3": r"UnsupportedDeepSpeedSetupError: MuonDS needs zero_optimization stage 1 or 2, got 3",
+    "offload": r"UnsupportedDeepSpeedSetupError: MuonDS does not support offload_optimizer",
+    "bad_param": r"MuonConfigError: momentum=1.5 is not allowed: expected a number in \[0.0, 1.0\)",
+    "unknown_key": r"MuonConfigError: unknown MuonConfig key\(s\) \['muon_lr'\]",
+}
+
+
+@pytest.fixture(scope="module")
+def refusals() -> list[dict[str, str]]:
+    return run_ranks(2, _refusals, timeout=900)
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED_REFUSALS))
+def test_unsupported_setups_and_bad_params_fail_inside_initialize(refusals, case: str) -> None:
+    for messages in refusals:
+        assert re.search(EXPECTED_REFUSALS[case], messages[case]), messages[case]
