@@ -217,3 +217,167 @@ def refusals() -> list[dict[str, str]]:
 def test_unsupported_setups_and_bad_params_fail_inside_initialize(refusals, case: str) -> None:
     for messages in refusals:
         assert re.search(EXPECTED_REFUSALS[case], messages[case]), messages[case]
+
+
+# --- mixed precision, overflow skip, LR schedule -------------------------------------------
+
+
+def _record_gradients(engine: Any) -> list[dict[str, torch.Tensor]]:
+    """Wrap our optimizer's step to record the full averaged gradient DeepSpeed hands it.
+
+    Each rank holds its partition's gradient; placing it by ``_hp_mapping`` into zeros and
+    all-reducing rebuilds every parameter's full gradient (each element has one holder).
+    One dict per engine step, merged over the per-group ``step()`` calls.
+    """
+    import torch.distributed as dist
+
+    optimizer = engine.basic_optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    steps: list[dict[str, torch.Tensor]] = []
+    real_step = optimizer.step
+
+    def step(closure: Any = None) -> Any:
+        grads = {}
+        for group in optimizer.param_groups:
+            flat = group["params"][0]
+            for param in optimizer._model_params[group["muon_ds_group"]]:
+                full = torch.zeros(param.numel())
+                mapping = param._hp_mapping
+                if mapping is not None:
+                    lo, n = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+                    hp = mapping.hp_fragment_address.start
+                    full[lo : lo + n] = flat.grad[hp : hp + n]
+                dist.all_reduce(full)
+                grads[names[id(param)]] = full.view(param.shape)
+        if not steps or set(grads) & set(steps[-1]):
+            steps.append({})
+        steps[-1].update(grads)
+        return real_step(closure)
+
+    optimizer.step = step
+    return steps
+
+
+def _precision_cases(rank: int, world: int) -> dict[str, Any]:
+    """bf16 runs checked against Muon replayed on DeepSpeed's own gradients and masters."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    use_gloo_only(rank, world)
+    results: dict[str, Any] = {}
+    cases = {
+        "bf16": {"bf16": {"enabled": True}},
+        "bf16_fp32_accumulation": {
+            "bf16": {"enabled": True},
+            "data_types": {"grad_accum_dtype": "fp32"},
+        },
+    }
+    for name, overrides in cases.items():
+        engine = _engine(ds_config({"type": "MuonDS", "params": MUON_PARAMS}, **overrides))
+        masters = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
+        recorded = _record_gradients(engine)
+        _train(engine, rank, 1, range(STEPS))
+        torch.manual_seed(0)
+        reference = TinyLM()
+        with torch.no_grad():
+            for n, p in reference.named_parameters():
+                p.copy_(masters[n])
+        optimizer = Muon(reference, MuonConfig.from_dict(MUON_PARAMS))
+        for grads in recorded:
+            for n, p in reference.named_parameters():
+                p.grad = grads[n]
+            optimizer.step()
+        expected = dict(reference.named_parameters())
+        results[name] = {
+            "steps_recorded": len(recorded),
+            "errors": {
+                n: (safe_get_full_fp32_param(p) - expected[n]).abs().max().item()
+                for n, p in engine.module.named_parameters()
+            },
+            "wrapper": type(engine.optimizer).__name__,
+        }
+
+    # Overflow: a non-finite loss on one step is skipped by DeepSpeed before our step runs.
+    engine = _engine(ds_config({"type": "MuonDS", "params": MUON_PARAMS}, bf16={"enabled": True}))
+    _train(engine, rank, 1, range(1))
+    params = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
+    momentum = safe_get_full_optimizer_state(engine.module.up.weight, "momentum_buffer")
+    engine.backward(engine(batch(1, rank, 0)) * float("inf"))
+    engine.step()
+    results["overflow"] = {
+        "skipped": engine.skipped_steps,
+        "params_unchanged": all(
+            torch.equal(params[n], safe_get_full_fp32_param(p))
+            for n, p in engine.module.named_parameters()
+        ),
+        "momentum_unchanged": torch.equal(
+            momentum, safe_get_full_optimizer_state(engine.module.up.weight, "momentum_buffer")
+        ),
+    }
+
+    # One scheduled lr drives the Muon and the AdamW groups alike.
+    scheduler = {
+        "type": "WarmupLR",
+        "params": {
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": 0.02,
+            "warmup_num_steps": 4,
+            "warmup_type": "linear",
+        },
+    }
+    engine = _engine(ds_config({"type": "MuonDS", "params": MUON_PARAMS}, scheduler=scheduler))
+    lrs = []
+    for step in range(STEPS):
+        lrs.append([group["lr"] for group in engine.optimizer.param_groups])
+        _train(engine, rank, 1, range(step, step + 1))
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = Muon(model, MuonConfig.from_dict(MUON_PARAMS))
+    for step in range(STEPS):
+        model.zero_grad()
+        for r in range(world):
+            (model(batch(step, r, 0)) / world).backward()
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[step][0]
+        optimizer.step()
+    scheduled = dict(model.named_parameters())
+    results["scheduled"] = {
+        "lrs": lrs,
+        "errors": {
+            n: (safe_get_full_fp32_param(p) - scheduled[n]).abs().max().item()
+            for n, p in engine.module.named_parameters()
+        },
+    }
+    return results
+
+
+@pytest.fixture(scope="module")
+def precision_runs() -> list[dict[str, Any]]:
+    return run_ranks(2, _precision_cases, timeout=900)
+
+
+def test_bf16_training_equals_muon_on_the_same_gradients(precision_runs) -> None:
+    """bf16 with bf16 gradients (ZeRO wrapper) and with fp32 accumulation (BF16_Optimizer)."""
+    for result in precision_runs:
+        assert result["bf16"]["wrapper"] == "DeepSpeedZeroOptimizer"
+        assert result["bf16_fp32_accumulation"]["wrapper"] == "BF16_Optimizer"
+        for case in ("bf16", "bf16_fp32_accumulation"):
+            assert result[case]["steps_recorded"] == STEPS
+            worst = max(result[case]["errors"].values())
+            assert worst <= TOL, (case, result[case]["errors"])
+
+
+def test_an_overflow_step_is_skipped_and_leaves_momentum_untouched(precision_runs) -> None:
+    for result in precision_runs:
+        assert result["overflow"] == {
+            "skipped": 1,
+            "params_unchanged": True,
+            "momentum_unchanged": True,
+        }
+
+
+def test_one_scheduled_lr_drives_muon_and_adamw_groups(precision_runs) -> None:
+    for result in precision_runs:
+        lrs = result["scheduled"]["lrs"]
+        assert all(len(set(step)) == 1 for step in lrs)  # every group, Muon and AdamW
+        assert len({step[0] for step in lrs}) >= 2  # and the schedule really moved
+        assert max(result["scheduled"]["errors"].values()) <= TOL
