@@ -1,0 +1,218 @@
+"""Small Megatron GPT models on gloo ranks, and their unsharded logical view.
+
+The reference for the Megatron tests is single-process ``muon_ds.Muon`` on the
+*unsharded* model whose fused weights are split explicitly here, independently of
+``muon_ds.layout``: ``linear_qkv`` into Q, K, V (rows of all query groups of all TP
+ranks), gated ``linear_fc1`` into gate and up, SequentialMLP experts by global id, other
+TP-split weights concatenated along their partition dim. ``logical`` builds that view
+from every rank's TP/EP-local tensors; ``local`` maps it back to one rank's tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.utils import get_model_config
+
+VOCAB, SEQ, BATCH = 128, 16, 2
+HEADS, QUERY_GROUPS, HIDDEN = 4, 2, 64
+HEAD_DIM = HIDDEN // HEADS
+HEADS_PER_GROUP = HEADS // QUERY_GROUPS
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One test model: layers, FFN width and, for MoE, experts (SequentialMLP)."""
+
+    layers: int
+    ffn: int
+    experts: int = 0
+    expert_ffn: int = 0
+
+
+DENSE = Shape(layers=2, ffn=128)
+# Three experts per EP rank, so an expert-DP shard boundary cuts through an expert.
+MOE = Shape(layers=1, ffn=128, experts=6, expert_ffn=48)
+
+
+def build(shape: Shape, tp: int, ep: int) -> DistributedDataParallel:
+    """A bf16 GPTModel (local spec, CPU init) wrapped in DDP for the distributed optimizer.
+
+    Every rank seeds alike, so TP ranks cut the same master weights and DP ranks agree.
+    """
+    torch.manual_seed(1234)
+    moe = {}
+    if shape.experts:
+        moe = {
+            "num_moe_experts": shape.experts,
+            "moe_ffn_hidden_size": shape.expert_ffn,
+            "moe_router_topk": 2,
+            "moe_token_dispatcher_type": "allgather",
+            "expert_model_parallel_size": ep,
+        }
+    config = TransformerConfig(
+        num_layers=shape.layers,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        num_query_groups=QUERY_GROUPS,
+        ffn_hidden_size=shape.ffn,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        use_cpu_initialization=True,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        tensor_model_parallel_size=tp,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **moe,
+    )
+    spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, normalization="RMSNorm")
+    model = GPTModel(
+        config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope"
+    )
+    ddp_config = DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True
+    )
+    return DistributedDataParallel(config, ddp_config, model)
+
+
+def forward_backward(ddp: DistributedDataParallel, step: int) -> float:
+    """One micro-batch per DP rank (TP ranks of one DP rank see the same tokens)."""
+    generator = torch.Generator().manual_seed(100 * step + ps.get_data_parallel_rank())
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
+    ddp.zero_grad_buffer()
+    loss = ddp(ids, positions, mask, labels=ids).float().mean()
+    loss.backward()
+    ddp.finish_grad_sync()
+    return loss.item()
+
+
+def all_gather_grad_buffers(ddp: DistributedDataParallel) -> None:
+    """After the reduce-scatter, gather the shards so every ``main_grad`` is whole."""
+    for buffer in [*ddp.buffers, *ddp.expert_parallel_buffers]:
+        group = buffer.data_parallel_group
+        for bucket in buffer.buckets:
+            shard = bucket.grad_data.numel() // group.size()
+            mine = bucket.grad_data[group.rank() * shard : (group.rank() + 1) * shard].clone()
+            dist.all_gather_into_tensor(bucket.grad_data, mine, group=group)
+
+
+def named_params(ddp: DistributedDataParallel) -> list[tuple[str, torch.nn.Parameter]]:
+    return list(ddp.named_parameters())
+
+
+def _is_expert(param: torch.Tensor) -> bool:
+    return not getattr(param, "allreduce", True)
+
+
+def _tp_split(param: torch.Tensor) -> bool:
+    return (
+        getattr(param, "tensor_model_parallel", False)
+        and ps.get_tensor_model_parallel_world_size() > 1
+    )
+
+
+def split_fused(name: str, full_by_tp: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The explicit split: per TP rank's local tensor, then concatenated over TP ranks."""
+    if name.endswith("linear_qkv.weight"):
+        parts: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": []}
+        for local in full_by_tp:
+            grouped = local.view(-1, HEADS_PER_GROUP + 2, HEAD_DIM, local.shape[1])
+            parts["q"].append(grouped[:, :HEADS_PER_GROUP].reshape(-1, local.shape[1]))
+            parts["k"].append(grouped[:, HEADS_PER_GROUP].reshape(-1, local.shape[1]))
+            parts["v"].append(grouped[:, HEADS_PER_GROUP + 1].reshape(-1, local.shape[1]))
+        return {f"{name}:{k}": torch.cat(v) for k, v in parts.items()}
+    if name.endswith("linear_fc1.weight"):
+        halves = [local.chunk(2) for local in full_by_tp]
+        return {
+            f"{name}:gate": torch.cat([h[0] for h in halves]),
+            f"{name}:up": torch.cat([h[1] for h in halves]),
+        }
+    return {}
+
+
+def _join_fused(name: str, logical: dict[str, torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
+    if name.endswith("linear_qkv.weight"):
+        cols = logical[f"{name}:q"].shape[1]
+        q = logical[f"{name}:q"].view(QUERY_GROUPS, HEADS_PER_GROUP, HEAD_DIM, cols)
+        k = logical[f"{name}:k"].view(QUERY_GROUPS, 1, HEAD_DIM, cols)
+        v = logical[f"{name}:v"].view(QUERY_GROUPS, 1, HEAD_DIM, cols)
+        groups = slice(tp_rank * QUERY_GROUPS // tp, (tp_rank + 1) * QUERY_GROUPS // tp)
+        return torch.cat([q[groups], k[groups], v[groups]], dim=1).reshape(-1, cols)
+    gate = logical[f"{name}:gate"].chunk(tp)[tp_rank]
+    up = logical[f"{name}:up"].chunk(tp)[tp_rank]
+    return torch.cat([gate, up])
+
+
+def expert_name(name: str, ep_rank: int, local_experts: int) -> str:
+    """``local_experts.{i}`` of EP rank r is global expert ``r * local_experts + i``."""
+    match = _EXPERT.search(name)
+    expert = ep_rank * local_experts + int(match.group(1))
+    return f"{name[: match.start()]}.experts.{expert}.{name[match.end() :]}"
+
+
+def logical(
+    ddp: DistributedDataParallel, value: Callable[[torch.nn.Parameter], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The unsharded model's tensors (fp32), from ``value(param)`` on every TP/EP rank.
+
+    Collective over the TP and EP groups; every rank returns the same dict.
+    """
+    tp = ps.get_tensor_model_parallel_world_size()
+    ep = ps.get_expert_model_parallel_world_size()
+    local_experts = (get_model_config(ddp).num_moe_experts or 0) // ep
+    result: dict[str, torch.Tensor] = {}
+    for name, param in named_params(ddp):
+        local = value(param).detach().float().clone()
+        by_tp = [local]
+        if _tp_split(param):
+            by_tp = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(by_tp, local, group=ps.get_tensor_model_parallel_group())
+        by_ep = {name: by_tp}
+        if _is_expert(param):
+            gathered = [torch.empty_like(local) for _ in range(ep)]
+            dist.all_gather(gathered, local, group=ps.get_expert_model_parallel_group())
+            by_ep = {expert_name(name, r, local_experts): [gathered[r]] for r in range(ep)}
+        for key, tensors in by_ep.items():
+            split = split_fused(key, tensors)
+            if split:
+                result.update(split)
+            elif len(tensors) > 1:
+                result[key] = torch.cat(tensors, dim=param.partition_dim)
+            else:
+                result[key] = tensors[0]
+    return result
+
+
+def local(
+    ddp: DistributedDataParallel,
+    logical_values: dict[str, torch.Tensor],
+    name: str,
+    param: torch.nn.Parameter,
+) -> torch.Tensor:
+    """This rank's TP/EP-local tensor of ``param`` taken from the logical view."""
+    split = _tp_split(param)
+    tp = ps.get_tensor_model_parallel_world_size() if split else 1
+    tp_rank = ps.get_tensor_model_parallel_rank() if split else 0
+    if _is_expert(param):
+        ep = ps.get_expert_model_parallel_world_size()
+        local_experts = get_model_config(ddp).num_moe_experts // ep
+        name = expert_name(name, ps.get_expert_model_parallel_rank(), local_experts)
+    if name.endswith(("linear_qkv.weight", "linear_fc1.weight")):
+        return _join_fused(name, logical_values, tp_rank, tp)
+    full = logical_values[name]
+    return full.chunk(tp, dim=param.partition_dim)[tp_rank] if split else full

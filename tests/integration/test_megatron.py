@@ -1,0 +1,199 @@
+"""muon_ds inside Megatron-core's DistributedOptimizer on real gloo ranks.
+
+Each scenario (one spawn of 4 ranks, module-scoped) builds a small bf16 GPTModel, wraps
+it in Megatron's DDP and trains ``STEPS`` steps with ``get_muon_ds_optimizer`` under
+Megatron's own LR/WD scheduler, grad clipping (on, and active) and param all-gather.
+Alongside, every rank runs single-process ``muon_ds.Muon`` on the unsharded model, with
+QKV, gate/up and experts split explicitly by the test (``megatron_models``), fed the
+same averaged gradients, clipped by ``clip_grad_norm_``. Tolerance: Newton-Schulz in
+fp32, so only summation order differs: main params within 1e-5, the reported grad norm
+within 1e-5 relative; the bf16 model params are the main params rounded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from muon_ds import Muon, MuonConfig
+from tests.dist.zero1 import run_ranks
+from tests.integration import megatron_models as models
+
+pytestmark = pytest.mark.dist
+
+STEPS = 3
+LR, WEIGHT_DECAY, CLIP = 2e-2, 0.1, 1.0
+CONFIG = MuonConfig(ns_dtype="float32", lr=LR, weight_decay=WEIGHT_DECAY)
+TOLERANCE = 1e-5
+
+
+def _reference(initial: dict[str, torch.Tensor]) -> tuple[Muon, dict[str, torch.Tensor]]:
+    """Muon on the unsharded model; 1-D params without decay, as Megatron's overrides."""
+    params = {name: t.clone() for name, t in initial.items()}
+    groups = [
+        {"params": [(n, p) for n, p in params.items() if p.ndim >= 2]},
+        {"params": [(n, p) for n, p in params.items() if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return Muon(groups, CONFIG), params
+
+
+def _train(rank: int, world: int, shape: models.Shape, tp: int, ep: int) -> dict[str, Any]:
+    from tests.integration import megatron_shims
+
+    megatron_shims.install()
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from muon_ds.megatron import get_muon_ds_optimizer
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    try:
+        ddp = models.build(shape, tp, ep)
+        optimizer_config = OptimizerConfig(
+            optimizer="muon",
+            lr=LR,
+            min_lr=LR,
+            weight_decay=WEIGHT_DECAY,
+            clip_grad=CLIP,
+            bf16=True,
+            params_dtype=torch.bfloat16,
+            use_distributed_optimizer=True,
+        )
+        optimizer = get_muon_ds_optimizer(optimizer_config, [ddp], CONFIG)
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=LR,
+            max_lr=LR,
+            min_lr=LR,
+            lr_warmup_steps=0,
+            lr_decay_steps=STEPS,
+            lr_decay_style="constant",
+            start_wd=WEIGHT_DECAY,
+            end_wd=WEIGHT_DECAY,
+            wd_incr_steps=STEPS,
+            wd_incr_style="constant",
+        )
+        reference, ref_params = _reference(models.logical(ddp, lambda p: p))
+        norms = []
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            models.forward_backward(ddp, step)
+            models.all_gather_grad_buffers(ddp)
+            grads = models.logical(ddp, lambda p: p.main_grad)
+            success, grad_norm, _ = optimizer.step()
+            scheduler.step(1)
+            for name, param in ref_params.items():
+                param.grad = grads[name]
+            ref_norm = torch.nn.utils.clip_grad_norm_(list(ref_params.values()), CLIP).item()
+            reference.step()
+            norms.append((success, grad_norm, ref_norm))
+        return _report(ddp, optimizer, reference, ref_params, norms)
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _report(ddp, optimizer, reference, ref_params, norms) -> dict[str, Any]:
+    """Per-rank errors against the reference, and the counted work of each ShardedMuon."""
+    from megatron.core import parallel_state as ps
+
+    names = dict((p, n) for n, p in models.named_params(ddp))
+    main_errors: dict[str, float] = {}
+    model_errors: dict[str, float] = {}
+    bytes_sent, predicted, ns_matrices = {}, {}, 0
+    # The groups get_muon_ds_optimizer's docstring names for each view group.
+    exchange_groups = {
+        "dense": ps.get_data_parallel_group(with_context_parallel=True),
+        "dense_tp": ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
+        "expert": ps.get_expert_data_parallel_group(),
+    }
+    for part in optimizer.chained_optimizers:
+        groups = part.optimizer.param_groups
+        model_params = [
+            [*a, *b] for a, b in zip(part.model_fp32_groups, part.model_float16_groups, strict=True)
+        ]
+        for group, params in zip(groups, model_params, strict=True):
+            for main, param in zip(group["params"], params, strict=True):
+                piece = part._get_model_param_range_map(param)["param"]
+                expected = models.local(ddp, ref_params, names[param], param).reshape(-1)
+                error = (main - expected[piece.start : piece.end]).abs().max().item()
+                main_errors[names[param]] = max(main_errors.get(names[param], 0.0), error)
+        muon = part.optimizer
+        ns_matrices += muon.counter.ns_matrices
+        for key, plan in muon.plans.items():
+            index = dist.get_process_group_ranks(exchange_groups[key]).index(dist.get_rank())
+            bytes_sent[key] = sum(
+                n
+                for (op, g), n in muon.counter.bytes_sent.items()
+                if g == key and op.startswith("muon_")
+            )
+            predicted[key] = plan.bytes_sent(index, 4) * STEPS
+    for name, param in models.named_params(ddp):
+        expected = models.local(ddp, ref_params, name, param)
+        # bf16 rounding of a value within TOLERANCE of the reference.
+        bound = expected.abs() * 2**-8 + TOLERANCE
+        model_errors[name] = ((param.float() - expected).abs() - bound).max().item()
+    return {
+        "main_errors": main_errors,
+        "model_over_bound": model_errors,
+        "norms": norms,
+        "ns_matrices": ns_matrices,
+        "reference_matrices": sum(
+            len(g["params"]) for g in reference.param_groups if g["algorithm"] == "muon"
+        ),
+        "bytes": bytes_sent,
+        "predicted": predicted,
+    }
+
+
+@pytest.fixture(scope="module")
+def dense_tp2_dp2() -> list[dict[str, Any]]:
+    return run_ranks(4, _train, models.DENSE, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def moe_ep2() -> list[dict[str, Any]]:
+    return run_ranks(4, _train, models.MOE, 1, 2)
+
+
+def _assert_equal_to_reference(results: list[dict[str, Any]]) -> None:
+    for rank, result in enumerate(results):
+        worst = max(result["main_errors"].values())
+        assert worst <= TOLERANCE, (rank, result["main_errors"])
+        assert max(result["model_over_bound"].values()) <= 0, (rank, result["model_over_bound"])
+
+
+def test_tp2_dp2_dense_gpt_equals_single_process_muon_on_unsharded_model(dense_tp2_dp2) -> None:
+    _assert_equal_to_reference(dense_tp2_dp2)
+
+
+def test_ep2_moe_gpt_equals_single_process_muon_on_unsharded_model(moe_ep2) -> None:
+    _assert_equal_to_reference(moe_ep2)
+
+
+def test_step_clips_raw_gradients_and_reports_their_norm(dense_tp2_dp2, moe_ep2) -> None:
+    for result in (*dense_tp2_dp2, *moe_ep2):
+        for success, grad_norm, ref_norm in result["norms"]:
+            assert success is True
+            assert grad_norm == pytest.approx(ref_norm, rel=TOLERANCE)
+            assert grad_norm > CLIP, "the test must exercise clipping"
+
+
+def test_newton_schulz_runs_once_per_logical_matrix(dense_tp2_dp2, moe_ep2) -> None:
+    # Dense, per layer: Q, K, V, proj, gate, up, fc2. MoE, per layer: Q, K, V, proj, router,
+    # and gate, up, fc2 of every expert.
+    dense, moe = models.DENSE, models.MOE
+    for results, matrices in (
+        (dense_tp2_dp2, 7 * dense.layers),
+        (moe_ep2, (5 + 3 * moe.experts) * moe.layers),
+    ):
+        assert results[0]["reference_matrices"] == matrices
+        assert sum(r["ns_matrices"] for r in results) == matrices * STEPS
+
+
+def test_exchange_bytes_equal_plan_prediction(dense_tp2_dp2, moe_ep2) -> None:
+    for result in (*dense_tp2_dp2, *moe_ep2):
+        assert result["bytes"] == result["predicted"]
