@@ -40,7 +40,11 @@ def _reference(initial: dict[str, torch.Tensor]) -> tuple[Muon, dict[str, torch.
     return Muon(groups, CONFIG), params
 
 
-def _train(rank: int, world: int, shape: models.Shape, tp: int, ep: int) -> dict[str, Any]:
+def _train(
+    rank: int, world: int, shape: models.Shape, tp: int, ep: int, hook: bool
+) -> dict[str, Any]:
+    """``hook``: build through ``megatron.training``'s ``get_megatron_optimizer`` name, as
+    the launch entry does after ``use_muon_ds``; else call ``get_muon_ds_optimizer``."""
     from tests.integration import megatron_shims
 
     megatron_shims.install()
@@ -49,6 +53,7 @@ def _train(rank: int, world: int, shape: models.Shape, tp: int, ep: int) -> dict
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from muon_ds.megatron import get_muon_ds_optimizer
+    from muon_ds.megatron.arguments import use_muon_ds
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     try:
@@ -63,7 +68,13 @@ def _train(rank: int, world: int, shape: models.Shape, tp: int, ep: int) -> dict
             params_dtype=torch.bfloat16,
             use_distributed_optimizer=True,
         )
-        optimizer = get_muon_ds_optimizer(optimizer_config, [ddp], CONFIG)
+        if hook:
+            from megatron.training import training
+
+            use_muon_ds(CONFIG, "qkv")
+            optimizer = training.get_megatron_optimizer(optimizer_config, [ddp])
+        else:
+            optimizer = get_muon_ds_optimizer(optimizer_config, [ddp], CONFIG)
         scheduler = OptimizerParamScheduler(
             optimizer,
             init_lr=LR,
@@ -146,17 +157,18 @@ def _report(ddp, optimizer, reference, ref_params, norms) -> dict[str, Any]:
         ),
         "bytes": bytes_sent,
         "predicted": predicted,
+        "optimizers": [type(part).__name__ for part in optimizer.chained_optimizers],
     }
 
 
 @pytest.fixture(scope="module")
 def dense_tp2_dp2() -> list[dict[str, Any]]:
-    return run_ranks(4, _train, models.DENSE, 2, 1)
+    return run_ranks(4, _train, models.DENSE, 2, 1, False)
 
 
 @pytest.fixture(scope="module")
 def moe_ep2() -> list[dict[str, Any]]:
-    return run_ranks(4, _train, models.MOE, 1, 2)
+    return run_ranks(4, _train, models.MOE, 1, 2, True)
 
 
 def _assert_equal_to_reference(results: list[dict[str, Any]]) -> None:
@@ -172,6 +184,11 @@ def test_tp2_dp2_dense_gpt_equals_single_process_muon_on_unsharded_model(dense_t
 
 def test_ep2_moe_gpt_equals_single_process_muon_on_unsharded_model(moe_ep2) -> None:
     _assert_equal_to_reference(moe_ep2)
+
+
+def test_training_setup_hook_builds_dense_and_expert_muon_ds_optimizers(moe_ep2) -> None:
+    for result in moe_ep2:
+        assert result["optimizers"] == ["MuonDistributedOptimizer"] * 2
 
 
 def test_step_clips_raw_gradients_and_reports_their_norm(dense_tp2_dp2, moe_ep2) -> None:

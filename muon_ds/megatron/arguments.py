@@ -1,0 +1,222 @@
+"""``--optimizer muon`` on Megatron's command line, backed by muon_ds.
+
+Megatron already defines ``--muon-*`` flags, with defaults that are not Moonlight's
+(momentum 0.9, Nesterov off, "quintic" coefficients, extra scale 1.0, blockwise TP).
+``add_muon_ds_args`` (an ``extra_args_provider``) keeps those names, adds the knobs they
+lack, and clears the defaults of the reused ones so that, after parsing,
+``muon_config_from_args`` can tell a flag the user passed from one they did not: the
+latter takes Moonlight's default. With ``--muon-impl megatron`` Megatron's own defaults
+are put back and nothing else changes.
+
+Megatron's ``validate_args`` rewrites ``--optimizer muon --use-distributed-optimizer``
+into its layer-wise optimizer; ``muon_config_from_args`` undoes that, since muon_ds runs
+inside the ordinary (element-wise sharded) distributed optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from muon_ds.config import MuonConfig
+from muon_ds.megatron.views import QkvSplit
+
+_MEGATRON_DEFAULTS = "muon_ds_megatron_defaults"
+_REUSED = (
+    "muon_momentum",
+    "muon_nesterov",
+    "muon_scale_mode",
+    "muon_extra_scale_factor",
+    "muon_fp32_matmul_prec",
+    "muon_coefficient_type",
+    "muon_num_ns_steps",
+    "muon_tp_mode",
+    "muon_scalar_optimizer",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+)
+"""Megatron flags muon_ds reads; their defaults are cleared to detect "not passed"."""
+
+_COEFFICIENTS = {"simple": "moonlight", "polar_express": "polar_express"}
+"""Megatron's ``--muon-coefficient-type`` names of the sets muon_ds implements."""
+
+
+def add_muon_ds_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron ``extra_args_provider``: muon_ds's flags, reused flags made detectable."""
+    group = parser.add_argument_group("muon_ds")
+    group.add_argument(
+        "--muon-impl",
+        choices=("muon_ds", "megatron"),
+        default="muon_ds",
+        help="--optimizer muon runs muon_ds (default) or Megatron's own Muon",
+    )
+    group.add_argument(
+        "--muon-no-nesterov",
+        action="store_false",
+        dest="muon_nesterov",
+        help="muon_ds: orthogonalise the momentum, not G + mu M (Nesterov is the default)",
+    )
+    group.add_argument("--muon-ns-eps", type=float, help="muon_ds: Newton-Schulz norm epsilon")
+    group.add_argument(
+        "--muon-ns-backend",
+        choices=("auto", "torch", "triton"),
+        help="muon_ds: Newton-Schulz implementation (auto: Triton for bf16 on CUDA)",
+    )
+    group.add_argument(
+        "--muon-patterns", nargs="*", help="muon_ds: parameter-name patterns forced to Muon"
+    )
+    group.add_argument(
+        "--muon-adamw-patterns",
+        nargs="*",
+        help="muon_ds: parameter-name patterns kept on AdamW (e.g. '*router*')",
+    )
+    group.add_argument(
+        "--muon-owner-imbalance-limit",
+        type=float,
+        help="muon_ds: max/mean Newton-Schulz FLOPs per rank before moving a matrix",
+    )
+    group.add_argument(
+        "--muon-exchange-bucket-mb", type=float, help="muon_ds: wire MiB per exchange bucket"
+    )
+    group.add_argument(
+        "--muon-split-qkv-per-head",
+        action="store_true",
+        help="muon_ds: orthogonalise every attention head on its own instead of Q, K, V",
+    )
+    megatron_defaults = {dest: parser.get_default(dest) for dest in _REUSED}
+    parser.set_defaults(**dict.fromkeys(_REUSED), **{_MEGATRON_DEFAULTS: megatron_defaults})
+    return parser
+
+
+def muon_config_from_args(args: argparse.Namespace) -> MuonConfig | None:
+    """The effective MuonConfig when muon_ds is selected (logged once), else None.
+
+    Call after ``parse_and_validate_args``. Undoes validate_args' switch to the
+    layer-wise optimizer, then gives unpassed reused flags Megatron's defaults back.
+    """
+    config = None
+    if args.optimizer == "muon" and args.muon_impl == "muon_ds":
+        if not (args.use_distributed_optimizer or args.use_layer_wise_distributed_optimizer):
+            raise ValueError("muon_ds: --optimizer muon needs --use-distributed-optimizer")
+        args.use_distributed_optimizer = True
+        args.use_layer_wise_distributed_optimizer = False
+        config = MuonConfig(**_passed(args))
+        if args.rank == 0:
+            print(f"muon_ds: effective {config}", flush=True)
+    # Megatron's own code reads these (OptimizerConfig, its Muon): never leave them None.
+    for dest, default in getattr(args, _MEGATRON_DEFAULTS).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    return config
+
+
+def qkv_split_from_args(args: argparse.Namespace) -> QkvSplit:
+    """``--muon-no-split-qkv`` keeps QKV whole; ``--muon-split-qkv-per-head`` cuts heads."""
+    if not args.muon_split_qkv:
+        return "none"
+    return "per_head" if args.muon_split_qkv_per_head else "qkv"
+
+
+def _passed(args: argparse.Namespace) -> dict[str, Any]:
+    """MuonConfig fields from the flags the user passed; the others keep their defaults."""
+    _refuse(args)
+    fields: dict[str, Any] = {"lr": args.lr, "weight_decay": args.weight_decay}
+    direct = {
+        "momentum": args.muon_momentum,
+        "nesterov": args.muon_nesterov,
+        "ns_steps": args.muon_num_ns_steps,
+        "ns_eps": args.muon_ns_eps,
+        "ns_backend": args.muon_ns_backend,
+        "adamw_eps": args.adam_eps,
+        "muon_patterns": args.muon_patterns,
+        "adamw_patterns": args.muon_adamw_patterns,
+        "owner_imbalance_limit": args.muon_owner_imbalance_limit,
+        "exchange_bucket_mb": args.muon_exchange_bucket_mb,
+    }
+    fields.update({k: v for k, v in direct.items() if v is not None})
+    if args.muon_coefficient_type is not None:
+        fields["ns_coefficients"] = _COEFFICIENTS[args.muon_coefficient_type]
+    if args.muon_fp32_matmul_prec is not None:
+        fields["ns_dtype"] = "float32" if args.muon_fp32_matmul_prec == "high" else "bfloat16"
+    if args.muon_extra_scale_factor == 1.0:
+        fields["scale_mode"] = "spectral"
+    if args.adam_beta1 is not None or args.adam_beta2 is not None:
+        default = MuonConfig().adamw_betas
+        fields["adamw_betas"] = (
+            default[0] if args.adam_beta1 is None else args.adam_beta1,
+            default[1] if args.adam_beta2 is None else args.adam_beta2,
+        )
+    return fields
+
+
+def _refuse(args: argparse.Namespace) -> None:
+    """Megatron settings muon_ds does not implement: say so instead of ignoring them."""
+    checks: list[tuple[bool, str]] = [
+        (
+            args.muon_coefficient_type not in (None, *_COEFFICIENTS),
+            f"--muon-coefficient-type {args.muon_coefficient_type}: muon_ds implements "
+            f"{sorted(_COEFFICIENTS)} ('simple' is Moonlight's)",
+        ),
+        (
+            args.muon_scale_mode not in (None, "spectral"),
+            f"--muon-scale-mode {args.muon_scale_mode}: muon_ds scales spectrally, "
+            "sqrt(max(A, B)) x --muon-extra-scale-factor",
+        ),
+        (
+            args.muon_extra_scale_factor not in (None, 0.2, 1.0),
+            f"--muon-extra-scale-factor {args.muon_extra_scale_factor}: muon_ds supports "
+            "0.2 (Moonlight, the default) and 1.0",
+        ),
+        (
+            args.muon_tp_mode == "blockwise",
+            "--muon-tp-mode blockwise: muon_ds orthogonalises the whole TP-split matrix, "
+            "once (as 'duplicated' does, without the duplication); omit the flag",
+        ),
+        (
+            args.muon_scalar_optimizer not in (None, "adam"),
+            f"--muon-scalar-optimizer {args.muon_scalar_optimizer}: muon_ds uses AdamW",
+        ),
+    ]
+    problems = [message for failed, message in checks if failed]
+    if problems:
+        raise ValueError("muon_ds: " + "; ".join(problems))
+
+
+def use_muon_ds(config: MuonConfig, qkv_split: QkvSplit) -> None:
+    """Make ``megatron.training``'s setup build muon_ds instead of Megatron's optimizer.
+
+    ``setup_model_and_optimizer`` looks ``get_megatron_optimizer`` up in its module at
+    call time, so replacing that name is the one hook needed; no source is patched.
+    """
+    from megatron.training import training
+
+    from muon_ds.megatron.optimizer import get_muon_ds_optimizer
+
+    def build(
+        optimizer_config: Any,
+        model_chunks: list,
+        config_overrides: dict | None = None,
+        use_gloo_process_groups: bool = True,
+        dump_param_to_param_group_map: str | None = None,
+    ) -> Any:
+        if dump_param_to_param_group_map is not None:
+            raise NotImplementedError("muon_ds: --dump-param-to-param-group-map")
+        return get_muon_ds_optimizer(
+            optimizer_config,
+            model_chunks,
+            config,
+            config_overrides=config_overrides,
+            use_gloo_process_groups=use_gloo_process_groups,
+            qkv_split=qkv_split,
+        )
+
+    training.get_megatron_optimizer = build
+
+
+__all__ = [
+    "add_muon_ds_args",
+    "muon_config_from_args",
+    "qkv_split_from_args",
+    "use_muon_ds",
+]

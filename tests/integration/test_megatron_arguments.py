@@ -1,0 +1,120 @@
+"""``--optimizer muon`` through Megatron's own parser and validate_args (one process).
+
+Megatron's ``parse_args`` reads ``sys.argv`` and its ``validate_args`` rewrites muon with
+``--use-distributed-optimizer`` into the layer-wise optimizer; these tests run both for
+real, then ``muon_config_from_args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+
+from muon_ds import MuonConfig
+from muon_ds.megatron.arguments import (
+    add_muon_ds_args,
+    muon_config_from_args,
+    qkv_split_from_args,
+)
+
+BASE = [
+    *("--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"),
+    *("--seq-length", "16", "--max-position-embeddings", "16", "--micro-batch-size", "1"),
+    *("--train-iters", "3", "--bf16", "--lr", "1e-3", "--weight-decay", "0.1"),
+]
+MUON = ["--optimizer", "muon", "--use-distributed-optimizer"]
+
+
+def _parse(monkeypatch: pytest.MonkeyPatch, *flags: str) -> argparse.Namespace:
+    from megatron.training.arguments import parse_args, validate_args
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *BASE, *flags])
+    args = parse_args(add_muon_ds_args)
+    validate_args(args)
+    return args
+
+
+def test_unpassed_muon_flags_take_moonlight_defaults(monkeypatch, capsys) -> None:
+    args = _parse(monkeypatch, *MUON)
+    capsys.readouterr()
+    assert muon_config_from_args(args) == MuonConfig(lr=1e-3, weight_decay=0.1)
+    assert capsys.readouterr().out.count("muon_ds: effective MuonConfig(") == 1
+    # Megatron's code that still reads its flags sees its own defaults, never None.
+    assert (args.muon_momentum, args.muon_nesterov, args.adam_beta2) == (0.9, False, 0.999)
+
+
+def test_passed_megatron_muon_flags_keep_their_meaning(monkeypatch) -> None:
+    args = _parse(
+        monkeypatch,
+        *MUON,
+        *("--muon-momentum", "0.9", "--muon-no-nesterov", "--muon-num-ns-steps", "4"),
+        *("--muon-coefficient-type", "polar_express", "--muon-fp32-matmul-prec", "high"),
+        *("--muon-extra-scale-factor", "1.0", "--adam-beta2", "0.99", "--muon-tp-mode"),
+        *("duplicated", "--muon-adamw-patterns", "*router*", "--muon-ns-backend", "torch"),
+    )
+    assert muon_config_from_args(args) == MuonConfig(
+        lr=1e-3,
+        weight_decay=0.1,
+        momentum=0.9,
+        nesterov=False,
+        ns_steps=4,
+        ns_coefficients="polar_express",
+        ns_dtype="float32",
+        scale_mode="spectral",
+        adamw_betas=(0.9, 0.99),
+        adamw_patterns=("*router*",),
+        ns_backend="torch",
+    )
+
+
+def test_distributed_optimizer_is_kept_instead_of_the_layer_wise_rewrite(monkeypatch) -> None:
+    args = _parse(monkeypatch, *MUON)
+    assert (args.use_distributed_optimizer, args.use_layer_wise_distributed_optimizer) == (
+        False,
+        True,
+    ), "Megatron's validate_args rewrite this test undoes"
+    muon_config_from_args(args)
+    assert (args.use_distributed_optimizer, args.use_layer_wise_distributed_optimizer) == (
+        True,
+        False,
+    )
+
+
+def test_muon_impl_megatron_leaves_megatrons_muon_untouched(monkeypatch) -> None:
+    args = _parse(monkeypatch, *MUON, "--muon-impl", "megatron")
+    assert muon_config_from_args(args) is None
+    assert args.use_layer_wise_distributed_optimizer
+    assert (args.muon_momentum, args.muon_nesterov, args.muon_tp_mode) == (0.9, False, "blockwise")
+    assert (args.muon_coefficient_type, args.muon_extra_scale_factor) == ("quintic", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--muon-tp-mode", "blockwise"), "--muon-tp-mode blockwise"),
+        (("--muon-coefficient-type", "quintic"), "--muon-coefficient-type quintic"),
+        (("--muon-scale-mode", "unit_rms_norm"), "--muon-scale-mode unit_rms_norm"),
+        (("--muon-extra-scale-factor", "0.5"), "--muon-extra-scale-factor 0.5"),
+        (("--muon-scalar-optimizer", "lion"), "--muon-scalar-optimizer lion"),
+    ],
+)
+def test_megatron_settings_muon_ds_lacks_are_refused_by_flag(monkeypatch, flags, message) -> None:
+    args = _parse(monkeypatch, *MUON, *flags)
+    with pytest.raises(ValueError, match=f"muon_ds: .*{message}"):
+        muon_config_from_args(args)
+
+
+def test_muon_ds_without_distributed_optimizer_is_refused(monkeypatch) -> None:
+    args = _parse(monkeypatch, "--optimizer", "muon")
+    with pytest.raises(ValueError, match="needs --use-distributed-optimizer"):
+        muon_config_from_args(args)
+
+
+@pytest.mark.parametrize(
+    ("flags", "split"),
+    [((), "qkv"), (("--muon-split-qkv-per-head",), "per_head"), (("--muon-no-split-qkv",), "none")],
+)
+def test_qkv_split_flags(monkeypatch, flags, split) -> None:
+    assert qkv_split_from_args(_parse(monkeypatch, *MUON, *flags)) == split
