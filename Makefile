@@ -1,11 +1,12 @@
 # The README's two commands: `make demo` (main job) and `make test` (whole suite).
 # Both create .venv from the pinned constraints when it is missing or out of date.
 PYTHON ?= python3
+RANKS ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv
+.PHONY: demo sweep test lint venv
 
 venv: $(STAMP)
 
@@ -16,8 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,demo,deepspeed,megatron]"
 	touch $(STAMP)
 
+# DeepSpeed ZeRO-1 on $(RANKS) CPU ranks: muon_ds vs AdamW, curves and communication.
 demo: $(STAMP)
-	$(PY) launch/demo.py $(DEMO_ARGS)
+	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train_deepspeed.py $(DEMO_ARGS)
+
+# Single process: each optimizer at the best lr of a small sweep (how the demo's lrs were chosen).
+sweep: $(STAMP)
+	$(PY) launch/demo.py $(SWEEP_ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check muon_ds tests benchmarks launch
