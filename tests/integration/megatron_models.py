@@ -38,15 +38,20 @@ class Shape:
     ffn: int
     experts: int = 0
     expert_ffn: int = 0
+    gated: bool = True
 
 
 DENSE = Shape(layers=2, ffn=128)
 # Three experts per EP rank, so an expert-DP shard boundary cuts through an expert.
 MOE = Shape(layers=1, ffn=128, experts=6, expert_ffn=48)
+# Megatron's Muon never splits gate/up, so the side-by-side model has a plain fc1.
+PLAIN = Shape(layers=2, ffn=128, gated=False)
 
 
-def build(shape: Shape, tp: int, ep: int) -> DistributedDataParallel:
-    """A bf16 GPTModel (local spec, CPU init) wrapped in DDP for the distributed optimizer.
+def build(
+    shape: Shape, tp: int, ep: int, distributed_optimizer: bool = True
+) -> DistributedDataParallel:
+    """A bf16 GPTModel (local spec, CPU init) wrapped in Megatron's DDP.
 
     Every rank seeds alike, so TP ranks cut the same master weights and DP ranks agree.
     """
@@ -66,7 +71,7 @@ def build(shape: Shape, tp: int, ep: int) -> DistributedDataParallel:
         num_attention_heads=HEADS,
         num_query_groups=QUERY_GROUPS,
         ffn_hidden_size=shape.ffn,
-        gated_linear_unit=True,
+        gated_linear_unit=shape.gated,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         normalization="RMSNorm",
@@ -83,7 +88,7 @@ def build(shape: Shape, tp: int, ep: int) -> DistributedDataParallel:
         config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope"
     )
     ddp_config = DistributedDataParallelConfig(
-        use_distributed_optimizer=True, grad_reduce_in_fp32=True
+        use_distributed_optimizer=distributed_optimizer, grad_reduce_in_fp32=True
     )
     return DistributedDataParallel(config, ddp_config, model)
 
