@@ -36,6 +36,7 @@ from megatron.core.utils import get_model_config, get_pg_rank
 
 from muon_ds.config import MuonConfig
 from muon_ds.layout import TensorParallel
+from muon_ds.math import all_finite
 from muon_ds.megatron.views import (
     DENSE,
     DENSE_TP,
@@ -125,10 +126,21 @@ class MuonDistributedOptimizer(DistributedOptimizer):
                 shards[index] = leaf
                 group["params"][index] = leaf
 
-    def step_with_ready_grads(self) -> bool:
-        """Megatron's step; unsuccessful when ShardedMuon skipped it for a non-finite grad."""
-        stepped = super().step_with_ready_grads()
-        return stepped and not self.optimizer.last_step_skipped
+    @torch.no_grad()
+    def prepare_grads(self) -> bool:
+        """Megatron's grad copy, then True (skip) if any rank holds a non-finite grad.
+
+        Without a loss scaler (bf16) Megatron checks nothing; muon_ds skips such steps
+        (as ``muon_ds.Muon`` does). Reporting it here, as found-inf, makes the
+        ChainedOptimizer skip the dense *and* the expert optimizer together and return
+        ``(False, None, None)``, the contract of a skipped fp16 step.
+        """
+        found_inf = super().prepare_grads()
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
+        finite = all_finite([g for g in grads if g is not None])
+        bad = (~finite).to(torch.int32).reshape(1).to(self.buffers[0].grad_data.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return found_inf or bool(bad.item())
 
 
 def split_by_route(

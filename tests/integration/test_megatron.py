@@ -102,7 +102,9 @@ def _train(
             ref_norm = torch.nn.utils.clip_grad_norm_(list(ref_params.values()), CLIP).item()
             reference.step()
             norms.append((success, grad_norm, ref_norm))
-        return _report(ddp, optimizer, reference, ref_params, norms)
+        report = _report(ddp, optimizer, reference, ref_params, norms)
+        report["non_finite_step"] = _non_finite_step(ddp, optimizer, rank)
+        return report
     finally:
         ps.destroy_model_parallel()
 
@@ -161,6 +163,38 @@ def _report(ddp, optimizer, reference, ref_params, norms) -> dict[str, Any]:
     }
 
 
+def _non_finite_step(ddp, optimizer, rank: int) -> dict[str, Any]:
+    """One more step with a NaN in one gradient element that rank 1 owns."""
+    optimizer.zero_grad()
+    models.forward_backward(ddp, STEPS)
+    if rank == 1:
+        part = optimizer.chained_optimizers[0]
+        param = part.model_float16_groups[0][0]
+        start = part._get_model_param_range_map(param)["param"].start
+        param.main_grad.view(-1)[start] = float("nan")
+    shards = [
+        shard
+        for part in optimizer.chained_optimizers
+        for group in part.optimizer.param_groups
+        for shard in group["params"]
+    ]
+    states = [
+        t
+        for part in optimizer.chained_optimizers
+        for state in part.optimizer.state.values()
+        for t in state.values()
+    ]
+    before = [t.clone() for t in (*shards, *states)]
+    success, grad_norm, _ = optimizer.step()
+    return {
+        "success": success,
+        "grad_norm": grad_norm,
+        "unchanged": all(
+            torch.equal(a, b) for a, b in zip(before, (*shards, *states), strict=True)
+        ),
+    }
+
+
 @pytest.fixture(scope="module")
 def dense_tp2_dp2() -> list[dict[str, Any]]:
     return run_ranks(4, _train, models.DENSE, 2, 1, False)
@@ -184,6 +218,13 @@ def test_tp2_dp2_dense_gpt_equals_single_process_muon_on_unsharded_model(dense_t
 
 def test_ep2_moe_gpt_equals_single_process_muon_on_unsharded_model(moe_ep2) -> None:
     _assert_equal_to_reference(moe_ep2)
+
+
+def test_a_non_finite_gradient_on_one_rank_fails_the_step_everywhere(
+    dense_tp2_dp2, moe_ep2
+) -> None:
+    for result in (*dense_tp2_dp2, *moe_ep2):
+        assert result["non_finite_step"] == {"success": False, "grad_norm": None, "unchanged": True}
 
 
 def test_training_setup_hook_builds_dense_and_expert_muon_ds_optimizers(moe_ep2) -> None:
