@@ -75,12 +75,12 @@ def megatron_route(name: str, param: torch.Tensor, config: MuonConfig) -> Route:
 
 
 def global_name(name: str, layout: ModelLayout) -> str:
-    """``...local_experts.{i}...`` renamed by global expert id, so EP ranks never collide."""
+    """``experts.local_experts.{i}`` becomes ``experts.{global id}``: EP ranks never collide."""
     match = _LOCAL_EXPERT.search(name)
     if match is None:
         return name
     expert = layout.ep_rank * layout.local_experts + int(match.group(1))
-    return f"{name[: match.start()]}.experts.{expert}.{name[match.end() :]}"
+    return f"{name[: match.start()]}.{expert}.{name[match.end() :]}"
 
 
 def is_expert(param: torch.Tensor) -> bool:

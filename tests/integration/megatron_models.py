@@ -167,7 +167,7 @@ def expert_name(name: str, ep_rank: int, local_experts: int) -> str:
     """``local_experts.{i}`` of EP rank r is global expert ``r * local_experts + i``."""
     match = _EXPERT.search(name)
     expert = ep_rank * local_experts + int(match.group(1))
-    return f"{name[: match.start()]}.experts.{expert}.{name[match.end() :]}"
+    return f"{name[: match.start()]}.{expert}.{name[match.end() :]}"
 
 
 def logical(
