@@ -17,7 +17,6 @@ against megatron-core 0.19.2; it uses that version's ``_get_param_groups_and_buf
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,8 +46,6 @@ from muon_ds.megatron.views import (
     shard_views,
 )
 from muon_ds.sharded import ShardedMuon
-
-logger = logging.getLogger("muon_ds")
 
 
 def init_muon_state(optimizer: ShardedMuon, config: OptimizerConfig | None = None) -> None:

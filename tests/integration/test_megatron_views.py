@@ -136,3 +136,34 @@ def test_routing_megatron_tag_moonlight_rule_and_router_by_config() -> None:
     assert megatron_route("mlp.router.weight", router, config) == "muon"
     by_config = MuonConfig(adamw_patterns=("*router*",))
     assert megatron_route("mlp.router.weight", router, by_config) == "adamw"
+
+
+def test_init_state_creates_exactly_the_state_a_step_creates() -> None:
+    """Megatron fills this state when loading a checkpoint into a fresh optimizer."""
+    from muon_ds.layout import ShardView
+    from muon_ds.megatron.optimizer import init_muon_state
+    from muon_ds.sharded import ShardedMuon
+
+    def build() -> ShardedMuon:
+        groups = [
+            {"params": [torch.zeros(24)], "algorithm": "muon"},
+            {"params": [torch.zeros(5)], "algorithm": "adamw"},
+        ]
+        view = ShardView(name="w", matrix_shape=(4, 6), start=0, end=24, buffer=0, offset=0)
+        return ShardedMuon(groups, [view], MuonConfig())
+
+    def layout(optimizer: ShardedMuon) -> list:
+        return [
+            {k: (tuple(v.shape), v.dtype) for k, v in optimizer.state[p].items()}
+            for g in optimizer.param_groups
+            for p in g["params"]
+        ]
+
+    stepped, initialised = build(), build()
+    for group in stepped.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    stepped.step()
+    init_muon_state(initialised)
+    assert layout(initialised) == layout(stepped)
+    assert all(t.count_nonzero() == 0 for s in initialised.state.values() for t in s.values())
