@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--muon-lrs",
         type=float,
         nargs="+",
-        default=[6e-3, 1.2e-2, 2.4e-2],
+        default=[1.2e-2, 2.4e-2, 4.8e-2],
         help="peak lrs swept for Muon",
     )
     parser.add_argument(

@@ -27,7 +27,8 @@ class GPTConfig:
     """Shape of the tiny GPT."""
 
     context: int = 64
-    """Tokens per sequence; also the number of learned positions."""
+    """Tokens per sequence (bytes: a line or two of code, which keeps a CPU step cheap);
+    also the number of learned positions."""
 
     d_model: int = 128
     """Width of the residual stream."""
@@ -163,7 +164,7 @@ class Corpus:
 
 
 def stdlib_corpus(max_bytes: int = 3_000_000, val_every: int = 10) -> Corpus:
-    """Python's top-level standard-library ``.py`` files, in name order, up to ``max_bytes``.
+    """Python's top-level standard-library ``.py`` files in name order, until ``max_bytes``.
 
     Deterministic for a given Python version (the stdlib differs across versions; the
     demo records the file list's size and names). Every ``val_every``-th file goes to
