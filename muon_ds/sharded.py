@@ -47,7 +47,8 @@ class ShardedMuonCore:
     maps each view's ``group`` name ("dense", "expert", ...) to the process group spanning
     every rank that holds a piece of those parameters (DP, DP x TP, expert-DP); ``None``
     means the default group. Optimizer state lives with the caller (a torch optimizer's
-    ``state``), so frameworks checkpoint it their usual way.
+    ``state``), so frameworks checkpoint it their usual way; ``momentum_key`` names Muon's
+    momentum there, for frameworks whose checkpoint tools only know some keys.
     """
 
     def __init__(
@@ -57,8 +58,10 @@ class ShardedMuonCore:
         views: Sequence[ShardView],
         config: MuonConfig,
         process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
+        momentum_key: str = MOMENTUM,
     ) -> None:
         self.buffers = list(buffers)
+        self.momentum_key = momentum_key
         self.algorithms = list(algorithms)
         self.views = tuple(views)
         self.config = config
@@ -204,12 +207,11 @@ class ShardedMuonCore:
                 directions.append(buffer.new_empty(0))
                 continue
             buffer_state = state[buffer]
-            if MOMENTUM not in buffer_state:
-                buffer_state[MOMENTUM] = torch.zeros_like(buffer, dtype=torch.float32)
+            if self.momentum_key not in buffer_state:
+                buffer_state[self.momentum_key] = torch.zeros_like(buffer, dtype=torch.float32)
+            momentum = buffer_state[self.momentum_key]
             directions.append(
-                muon_direction(
-                    buffer_state[MOMENTUM], grads[index], mu=cfg.momentum, nesterov=cfg.nesterov
-                )
+                muon_direction(momentum, grads[index], mu=cfg.momentum, nesterov=cfg.nesterov)
             )
         # Decoupled decay first, as W (1 - lr wd) - lr scale O in the single-process rule.
         for view in self.views:

@@ -30,6 +30,14 @@ from muon_ds.sharded import ShardedMuonCore
 GROUP_KEY = "muon_ds_group"
 """Param-group key naming which split half a group is (a plain int, saved by torch)."""
 
+MOMENTUM_KEY = "exp_avg"
+"""Muon's momentum is stored as ``exp_avg``: DeepSpeed 0.19.8's universal-checkpoint
+converter (``ds_to_universal``) carries only ``exp_avg`` and ``exp_avg_sq`` (its issue
+#8608), and that converter is how a checkpoint moves to another DP size. Muon groups have
+no second moment; ``state_dict`` writes zeros under ``exp_avg_sq`` for the converter and
+loading drops them again. So ``safe_get_full_optimizer_state(p, "exp_avg")`` returns a
+Muon matrix's full momentum (and an AdamW parameter's first moment)."""
+
 
 class UnsupportedDeepSpeedSetupError(RuntimeError):
     """The DeepSpeed configuration is one muon_ds does not train correctly."""
@@ -60,13 +68,39 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             core = self._cores.get(group[GROUP_KEY]) or self._build_core(group)
+            if group["algorithm"] == "muon":
+                self.state[group["params"][0]].pop("exp_avg_sq", None)  # a universal load's
             core.run([(group["lr"], group["weight_decay"])], self.state)
-            # DeepSpeed links optimizer-state views for safe_get_full_optimizer_state only
-            # after group 0's first step; linking every group here keeps it working for all.
-            lazy_init_hp_params_optimizer_state(
-                self._model_params[group[GROUP_KEY]], group["params"][0], self.state
-            )
+            self._link_state(group)
         return loss
+
+    def _link_state(self, group: dict[str, Any]) -> None:
+        """Point each model param's DeepSpeed fragment at its slice of our state.
+
+        DeepSpeed links these views (what ``safe_get_full_optimizer_state`` reads) only
+        after group 0's first step; linking every group after its step keeps them valid.
+        """
+        model_params = self._model_params[group[GROUP_KEY]]
+        lazy_init_hp_params_optimizer_state(model_params, group["params"][0], self.state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, plus a zero ``exp_avg_sq`` per Muon group (see MOMENTUM_KEY)."""
+        packed = super().state_dict()
+        for group in packed["param_groups"]:
+            if group["algorithm"] == "muon":
+                for param_id in group["params"]:
+                    state = packed["state"].get(param_id)
+                    if state and MOMENTUM_KEY in state:
+                        zeros = torch.zeros_like(state[MOMENTUM_KEY])
+                        packed["state"][param_id] = {**state, "exp_avg_sq": zeros}
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if group["algorithm"] == "muon":
+                for param in group["params"]:
+                    self.state[param].pop("exp_avg_sq", None)
 
     def _build_core(self, group: dict[str, Any]) -> ShardedMuonCore:
         key = group[GROUP_KEY]
@@ -108,7 +142,12 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
             )
         dp_group = getattr(model_params[0], "_dp_group", None) if model_params else None
         core = ShardedMuonCore(
-            group["params"], [group["algorithm"]], views, self.config, {"dense": dp_group}
+            group["params"],
+            [group["algorithm"]],
+            views,
+            self.config,
+            {"dense": dp_group},
+            momentum_key=MOMENTUM_KEY,
         )
         self._cores[key] = core
         return core

@@ -10,6 +10,7 @@ mean): 2e-5 absolute on params whose updates are ~1e-2.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from typing import Any
@@ -71,8 +72,9 @@ def _compare(engine: Any, reference: TinyLM, optimizer: Muon) -> dict[str, float
     for name, param in engine.module.named_parameters():
         ref = ref_params[name]
         errors[name] = (safe_get_full_fp32_param(param) - ref).abs().max().item()
+        # Under DeepSpeed a Muon matrix's momentum is "exp_avg" (see MOMENTUM_KEY).
         key = "momentum_buffer" if name in MATRICES else "exp_avg"
-        state = safe_get_full_optimizer_state(param, key)
+        state = safe_get_full_optimizer_state(param, "exp_avg")
         errors[f"{name}:{key}"] = (state - optimizer.state[ref][key]).abs().max().item()
     return errors
 
@@ -300,7 +302,7 @@ def _precision_cases(rank: int, world: int) -> dict[str, Any]:
     engine = _engine(ds_config({"type": "MuonDS", "params": MUON_PARAMS}, bf16={"enabled": True}))
     _train(engine, rank, 1, range(1))
     params = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
-    momentum = safe_get_full_optimizer_state(engine.module.up.weight, "momentum_buffer")
+    momentum = safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
     engine.backward(engine(batch(1, rank, 0)) * float("inf"))
     engine.step()
     results["overflow"] = {
@@ -310,7 +312,7 @@ def _precision_cases(rank: int, world: int) -> dict[str, Any]:
             for n, p in engine.module.named_parameters()
         ),
         "momentum_unchanged": torch.equal(
-            momentum, safe_get_full_optimizer_state(engine.module.up.weight, "momentum_buffer")
+            momentum, safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
         ),
     }
 
@@ -491,3 +493,78 @@ def test_fewer_newton_schulz_calls_and_less_state_than_deepspeed_muon(versus) ->
     assert theirs > ours  # a straddling matrix is orthogonalised by each of its holders
     for result in versus:
         assert result["ours_state_bytes"] < result["theirs_state_bytes"]
+
+
+# --- resharding: DP 4 -> DP 2 through DeepSpeed's universal checkpoint ---------------------
+
+
+def _reshard_save(rank: int, world: int, directory: str) -> None:
+    """DP=4: two steps, checkpoint, two more steps; rank 0 keeps the final fp32 params."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    use_gloo_only(rank, world)
+    engine = _engine(ds_config({"type": "MuonDS", "params": MUON_PARAMS}))
+    _train(engine, rank, 1, range(2))
+    momentum = safe_get_full_optimizer_state(engine.module.mid.weight, "exp_avg")
+    engine.save_checkpoint(directory, tag="step2")
+    _train(engine, rank, 1, range(2, 4))
+    final = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
+    if rank == 0:
+        torch.save({"final": final, "momentum": momentum}, f"{directory}/dp4.pt")
+
+
+def _reshard_load(rank: int, world: int, directory: str) -> dict[str, Any]:
+    """DP=2 from the universal checkpoint; each rank plays two DP=4 ranks' micro-batches."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    use_gloo_only(rank, world)
+    config = ds_config(
+        {"type": "MuonDS", "params": MUON_PARAMS},
+        gradient_accumulation_steps=2,
+        checkpoint={"load_universal": True},
+    )
+    engine = _engine(config)
+    engine.load_checkpoint(directory)
+    saved = torch.load(f"{directory}/dp4.pt", weights_only=False)
+    for step in range(2, 4):
+        for micro in range(2):
+            engine.backward(engine(batch(step, rank + world * micro, 0)))
+            engine.step()
+    momentum = safe_get_full_optimizer_state(engine.module.mid.weight, "exp_avg")
+    return {
+        "param_errors": {
+            n: (safe_get_full_fp32_param(p) - saved["final"][n]).abs().max().item()
+            for n, p in engine.module.named_parameters()
+        },
+        "momentum_changed": not torch.equal(momentum, saved["momentum"]),
+        "steps": engine.global_steps,
+    }
+
+
+def test_checkpoint_saved_at_dp4_resumes_at_dp2_with_the_same_momentum() -> None:
+    """Resume at DP=2 equals the uninterrupted DP=4 run: momentum (and Adam moments) carried."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as directory:
+        run_ranks(4, _reshard_save, directory, timeout=900)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                f"{directory}/step2",
+                "--output_folder",
+                f"{directory}/step2_universal",
+                "--inject_missing_state",
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        )
+        with open(f"{directory}/latest_universal", "w") as latest:
+            latest.write("step2_universal")
+        for result in run_ranks(2, _reshard_load, directory, timeout=900):
+            assert max(result["param_errors"].values()) <= TOL, result
+            assert result["momentum_changed"]
