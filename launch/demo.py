@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, losses in sweep.items()
         },
         **summary,
+        "final_val_loss": {k: _json_float(v) for k, v in summary["final_val_loss"].items()},
         "curves": {name: [_json_point(p) for p in points] for name, points in curves.items()},
         "workers": workers,
         "runs": [
@@ -296,8 +297,10 @@ def summarise(
 ) -> dict:
     """The headline numbers: lrs, final losses at equal steps, Muon's step to AdamW's loss."""
     adamw_final = curves["AdamW"][-1].val_loss
-    reach = next((p.step for p in curves["Muon"] if p.val_loss <= adamw_final), None)
-    final_step = curves["AdamW"][-1].step
+    reach = None
+    if math.isfinite(adamw_final):
+        reach = next((p.step for p in curves["Muon"][1:] if p.val_loss <= adamw_final), None)
+    final_step = max(points[-1].step for points in curves.values())  # unless both diverged
     return {
         "best_lr": best_lr,
         "best_lr_at_grid_edge": {
@@ -305,11 +308,9 @@ def summarise(
             for name, lr in best_lr.items()
         },
         "final_step": final_step,
-        "final_val_loss": {
-            name: _json_float(points[-1].val_loss) for name, points in curves.items()
-        },
+        "final_val_loss": {name: points[-1].val_loss for name, points in curves.items()},
         "muon_step_reaching_adamw_final_val_loss": reach,
-        "adamw_steps_per_muon_step": final_step / reach if reach else None,
+        "adamw_steps_per_muon_step": None if reach is None else final_step / reach,
     }
 
 
@@ -333,7 +334,7 @@ def print_report(
     by_step = {name: {p.step: p for p in points} for name, points in curves.items()}
     final_step = summary["final_step"]
     row_every = eval_every * max(1, round(final_step / eval_every / 15))
-    steps = sorted({s for s in by_step["AdamW"] if s % row_every == 0} | {final_step})
+    steps = sorted({s for c in by_step.values() for s in c if s % row_every == 0} | {final_step})
     print(
         f"\nloss in nats/byte (ln 256 = {math.log(256):.3f}); "
         f"train = mean of the {eval_every} steps before the evaluation"
@@ -358,7 +359,9 @@ def print_report(
         f"Muon {final['Muon']:.4f} (lr {summary['best_lr']['Muon']:g}), "
         f"AdamW {final['AdamW']:.4f} (lr {summary['best_lr']['AdamW']:g})"
     )
-    if reach is None:
+    if not math.isfinite(final["AdamW"]):
+        print(f"AdamW diverged at step {curves['AdamW'][-1].step}: there is no loss to reach")
+    elif reach is None:
         print(
             f"Muon did not reach AdamW's final validation loss ({final['AdamW']:.4f}) "
             f"within {final_step} steps"
@@ -391,8 +394,11 @@ def plot(curves: dict[str, list[EvalPoint]], summary: dict, path: Path) -> None:
             label=f"{name} train",
         )
     adamw_final = summary["final_val_loss"]["AdamW"]
-    ax.axhline(adamw_final, color="gray", linestyle=":", label=f"AdamW final val {adamw_final:.3f}")
     reach = summary["muon_step_reaching_adamw_final_val_loss"]
+    if math.isfinite(adamw_final):
+        ax.axhline(
+            adamw_final, color="gray", linestyle=":", label=f"AdamW final val {adamw_final:.3f}"
+        )
     if reach is not None:
         ax.axvline(reach, color="tab:blue", linestyle=":", label=f"Muon reaches it at step {reach}")
     ax.set_xlabel("optimizer step")
