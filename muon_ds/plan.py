@@ -18,6 +18,7 @@ No torch, no communication: testable alone, and cheap to run at every rank.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,21 +156,15 @@ def build_plan(
 ) -> Plan:
     """Plan the exchange of one group from every rank's Muon shard views."""
     world = len(views_by_rank)
-    shapes = _logical_matrices(views_by_rank)
-    owners = _assign_owners(shapes, world, ns_steps, imbalance_limit)
+    unowned = _logical_matrices(views_by_rank, ns_steps)
+    owners = _assign_owners(unowned, world, imbalance_limit)
     matrices = tuple(
-        MatrixPlan(
-            name=s.name,
-            key=s.key,
-            rows=s.rows,
-            cols=s.cols,
-            tp_size=s.tp_size,
-            tp_dim=s.tp_dim,
+        dataclasses.replace(
+            m,
             owner=owners[i],
-            flops=newton_schulz_flops(s.rows, s.cols, ns_steps),
-            pieces=tuple(Piece(i, p.holder, p.tp_rank, p.lo, p.hi, p.staging) for p in s.pieces),
+            pieces=tuple(dataclasses.replace(p, matrix=i) for p in m.pieces),
         )
-        for i, s in enumerate(shapes)
+        for i, m in enumerate(unowned)
     )
     # Largest first: the first bucket's exchange then hides behind the local matrices'
     # Newton-Schulz, and each later one behind the previous bucket's.
@@ -189,31 +184,24 @@ def build_plan(
     return Plan(world, matrices, local, tuple(map(tuple, buckets)))
 
 
-@dataclass
-class _Matrix:
-    name: str
-    key: int
-    rows: int
-    cols: int
-    tp_size: int
-    tp_dim: int
-    pieces: list[Piece]
-
-
-def _logical_matrices(views_by_rank: Sequence[Sequence[ShardView]]) -> list[_Matrix]:
-    """Group views by parameter, check they tile it exactly, and cut it into matrices."""
+def _logical_matrices(
+    views_by_rank: Sequence[Sequence[ShardView]], ns_steps: int
+) -> list[MatrixPlan]:
+    """Group views by parameter, check they tile it, cut it into matrices (no owners yet)."""
     by_name: dict[str, list[tuple[int, ShardView]]] = defaultdict(list)
     for rank, views in enumerate(views_by_rank):
         for view in views:
             if view.route == "muon":
                 by_name[view.name].append((rank, view))
-    matrices: list[_Matrix] = []
+    matrices: list[MatrixPlan] = []
     for name in sorted(by_name):
-        matrices += _split_param(name, by_name[name])
+        matrices += _split_param(name, by_name[name], ns_steps)
     return matrices
 
 
-def _split_param(name: str, holders: list[tuple[int, ShardView]]) -> list[_Matrix]:
+def _split_param(
+    name: str, holders: list[tuple[int, ShardView]], ns_steps: int
+) -> list[MatrixPlan]:
     first = holders[0][1]
     tp_size, tp_dim = first.tp.size, first.tp.dim
     rows_local, cols_local = first.matrix_shape
@@ -261,7 +249,7 @@ def _split_param(name: str, holders: list[tuple[int, ShardView]]) -> list[_Matri
             rows, cols = rows_by_tp[0], cols_local * tp_size
         else:
             rows, cols = sum(rows_by_tp), cols_local
-        matrix = _Matrix(name, key, rows, cols, tp_size, tp_dim, [])
+        pieces: list[Piece] = []
         staging = 0
         for t in range(tp_size):
             for block in blocks_by_tp[t]:
@@ -271,9 +259,12 @@ def _split_param(name: str, holders: list[tuple[int, ShardView]]) -> list[_Matri
                 for start, end, rank in sorted(ranges_by_tp[t]):
                     a, b = max(lo, start), min(hi, end)
                     if a < b:
-                        matrix.pieces.append(Piece(-1, rank, t, a, b, staging + a - lo))
+                        pieces.append(Piece(-1, rank, t, a, b, staging + a - lo))
                 staging += hi - lo
-        matrices.append(matrix)
+        flops = newton_schulz_flops(rows, cols, ns_steps)
+        matrices.append(
+            MatrixPlan(name, key, rows, cols, tp_size, tp_dim, -1, flops, tuple(pieces))
+        )
     return matrices
 
 
@@ -310,11 +301,9 @@ def _check_blocks(name: str, blocks: tuple, rows: int) -> None:
         )
 
 
-def _assign_owners(
-    matrices: list[_Matrix], world: int, ns_steps: int, imbalance_limit: float
-) -> list[int]:
+def _assign_owners(matrices: list[MatrixPlan], world: int, imbalance_limit: float) -> list[int]:
     """Largest holder unless it overflows its share of FLOPs; else where it fits best."""
-    flops = [newton_schulz_flops(m.rows, m.cols, ns_steps) for m in matrices]
+    flops = [m.flops for m in matrices]
     limit = imbalance_limit * sum(flops) / world
     load = [0] * world
     owners = [0] * len(matrices)
