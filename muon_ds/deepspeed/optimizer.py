@@ -153,8 +153,17 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
         return core
 
     def exchange_bytes(self) -> int:
-        """Bytes this rank sent in Muon exchanges since construction (all groups)."""
-        return sum(core.counter.total_bytes() for core in self._cores.values())
+        """Bytes this rank sent in Muon exchanges since construction (all groups).
+
+        Only the gather and scatter of matrix pieces; the 4-byte finite-gradient vote
+        each step also makes is counted separately by each core's counter.
+        """
+        return sum(
+            n
+            for core in self._cores.values()
+            for (op, _), n in core.counter.bytes_sent.items()
+            if op.startswith("muon_")
+        )
 
     def ns_matrices(self) -> int:
         """Matrices this rank orthogonalised since construction (all groups)."""
