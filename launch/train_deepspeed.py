@@ -42,11 +42,11 @@ HERE = Path(__file__).resolve().parent
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=HERE / "configs" / "zero1_cpu_fp32.json")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     # Defaults: each optimizer's best peak lr in `make sweep` (launch/demo.py) on this model.
     parser.add_argument("--muon-lr", type=float, default=0.024, help="peak lr of MuonDS")
     parser.add_argument("--adamw-lr", type=float, default=0.0015, help="peak lr of AdamW")
-    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-every", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--local_rank", type=int, default=0, help="set by the DeepSpeed launcher")
