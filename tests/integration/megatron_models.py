@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -221,3 +222,22 @@ def local(
         return _join_fused(name, logical_values, tp_rank, tp)
     full = logical_values[name]
     return full.chunk(tp, dim=param.partition_dim)[tp_rank] if split else full
+
+
+def constant_schedule(optimizer: Any, lr: float, weight_decay: float, steps: int) -> Any:
+    """Megatron's own scheduler holding lr and weight decay constant (it writes both)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=lr,
+        max_lr=lr,
+        min_lr=lr,
+        lr_warmup_steps=0,
+        lr_decay_steps=steps,
+        lr_decay_style="constant",
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+    )

@@ -50,7 +50,6 @@ def _train(
     megatron_shims.install()
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from muon_ds.megatron import get_muon_ds_optimizer
     from muon_ds.megatron.arguments import use_muon_ds
@@ -75,19 +74,7 @@ def _train(
             optimizer = training.get_megatron_optimizer(optimizer_config, [ddp])
         else:
             optimizer = get_muon_ds_optimizer(optimizer_config, [ddp], CONFIG)
-        scheduler = OptimizerParamScheduler(
-            optimizer,
-            init_lr=LR,
-            max_lr=LR,
-            min_lr=LR,
-            lr_warmup_steps=0,
-            lr_decay_steps=STEPS,
-            lr_decay_style="constant",
-            start_wd=WEIGHT_DECAY,
-            end_wd=WEIGHT_DECAY,
-            wd_incr_steps=STEPS,
-            wd_incr_style="constant",
-        )
+        scheduler = models.constant_schedule(optimizer, LR, WEIGHT_DECAY, STEPS)
         reference, ref_params = _reference(models.logical(ddp, lambda p: p))
         norms = []
         for step in range(STEPS):

@@ -45,7 +45,6 @@ def _side_by_side(rank: int, world: int) -> dict[str, Any]:
     from emerging_optimizers.orthogonalized_optimizers import muon_utils
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from muon_ds.megatron import get_muon_ds_optimizer
 
@@ -100,19 +99,7 @@ def _side_by_side(rank: int, world: int) -> dict[str, Any]:
         muon_utils.newton_schulz = counted_newton_schulz
         dist.all_gather = counted_all_gather
         for optimizer in (ours, theirs):
-            OptimizerParamScheduler(
-                optimizer,
-                init_lr=LR,
-                max_lr=LR,
-                min_lr=LR,
-                lr_warmup_steps=0,
-                lr_decay_steps=STEPS,
-                lr_decay_style="constant",
-                start_wd=WEIGHT_DECAY,
-                end_wd=WEIGHT_DECAY,
-                wd_incr_steps=STEPS,
-                wd_incr_style="constant",
-            )
+            models.constant_schedule(optimizer, LR, WEIGHT_DECAY, STEPS)
         for step in range(STEPS):
             # One backward (on our model); Megatron's optimizer gets the same averaged
             # gradients, so both trajectories see identical inputs at every step.
