@@ -48,7 +48,10 @@ class ShardedMuonCore:
     every rank that holds a piece of those parameters (DP, DP x TP, expert-DP); ``None``
     means the default group. Optimizer state lives with the caller (a torch optimizer's
     ``state``), so frameworks checkpoint it their usual way; ``momentum_key`` names Muon's
-    momentum there, for frameworks whose checkpoint tools only know some keys.
+    momentum there, for frameworks whose checkpoint tools only know some keys. A
+    framework that already skips steps with a non-finite gradient on every rank before
+    calling the optimizer (DeepSpeed's overflow check, the Megatron adapter's found-inf)
+    sets ``framework_skips_nonfinite``, which drops our own per-step all-reduce vote.
     """
 
     def __init__(
@@ -59,9 +62,11 @@ class ShardedMuonCore:
         config: MuonConfig,
         process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
         momentum_key: str = MOMENTUM,
+        framework_skips_nonfinite: bool = False,
     ) -> None:
         self.buffers = list(buffers)
         self.momentum_key = momentum_key
+        self.framework_skips_nonfinite = framework_skips_nonfinite
         self.algorithms = list(algorithms)
         self.views = tuple(views)
         self.config = config
@@ -179,7 +184,7 @@ class ShardedMuonCore:
         step on every rank, leaving parameters and ``state`` untouched.
         """
         grads = [b.grad if b.grad is not None else torch.zeros_like(b) for b in self.buffers]
-        if not self._all_ranks_finite(grads):
+        if not self.framework_skips_nonfinite and not self._all_ranks_finite(grads):
             return False
         for index, buffer in enumerate(self.buffers):
             if self.algorithms[index] == "adamw":
@@ -269,6 +274,7 @@ class ShardedMuon(torch.optim.Optimizer):
         views: Sequence[ShardView],
         config: MuonConfig,
         process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
+        framework_skips_nonfinite: bool = False,
     ) -> None:
         self.config = config
         self.skipped_steps = 0
@@ -281,6 +287,7 @@ class ShardedMuon(torch.optim.Optimizer):
             views,
             config,
             process_groups,
+            framework_skips_nonfinite=framework_skips_nonfinite,
         )
 
     @property

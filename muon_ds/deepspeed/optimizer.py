@@ -148,6 +148,8 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
             self.config,
             {"dense": dp_group},
             momentum_key=MOMENTUM_KEY,
+            # ZeRO's step returns before calling us when the gradient norm is not finite.
+            framework_skips_nonfinite=True,
         )
         self._cores[key] = core
         return core

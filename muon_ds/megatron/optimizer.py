@@ -106,7 +106,10 @@ class MuonDistributedOptimizer(DistributedOptimizer):
                 piece = self._get_model_param_range_map(param)["param"]
                 ranges[param] = (piece.start, piece.end)
         views = shard_views(shard_groups, model_params, ranges, names, layout)
-        self.optimizer = ShardedMuon(shard_groups, views, muon_config, exchange_groups)
+        # prepare_grads below votes on finiteness across ranks before step() is reached.
+        self.optimizer = ShardedMuon(
+            shard_groups, views, muon_config, exchange_groups, framework_skips_nonfinite=True
+        )
 
     def _make_fp32_shards_leaves(self, shard_groups: list[dict[str, Any]]) -> None:
         """Replace the shards of fp32 model params by detached views of the same memory.
