@@ -26,6 +26,9 @@ class RunOptions:
     seed: int = 0
     dtype: str = "fp32"
     """Training precision: ``fp32`` (the CPU default) or ``bf16``."""
+    layout: str = ""
+    """The layout the driver chose from the contender's ``LAYOUTS`` (e.g. ``"TP=2xDP=2"``);
+    empty means plain data parallelism over every rank."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
