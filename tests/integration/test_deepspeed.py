@@ -349,7 +349,54 @@ def _precision_cases(rank: int, world: int) -> dict[str, Any]:
             for n, p in engine.module.named_parameters()
         },
     }
+    results["fp16"] = _fp16_dynamic_loss_scale(rank)
     return results
+
+
+FP16_STEPS = 6
+FP16_CONFIG = {"enabled": True, "initial_scale_power": 20, "hysteresis": 1}
+"""A 2^20 initial loss scale overflows fp16 gradients on some steps of TinyLM, so dynamic
+loss scaling really skips steps and halves the scale (steps 0, 1 and 5 here)."""
+
+
+def _fp16_dynamic_loss_scale(rank: int) -> dict[str, Any]:
+    """fp16 with dynamic loss scaling: the steps that ran equal Muon on their gradients.
+
+    DeepSpeed's CPU accelerator claims fp16 only where oneDNN has native fp16 kernels;
+    torch computes fp16 on any CPU, so the accelerator is told it may (test-only). The
+    recorder sees only the steps DeepSpeed hands to the optimizer, with gradients already
+    unscaled; replaying Muon on exactly those proves skipped steps left the momentum alone.
+    """
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+    engine = _engine(ds_config({"type": "MuonDS", "params": MUON_PARAMS}, fp16=FP16_CONFIG))
+    masters = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
+    initial_scale = engine.optimizer.cur_scale
+    recorded = _record_gradients(engine)
+    _train(engine, rank, 1, range(FP16_STEPS))
+    torch.manual_seed(0)
+    reference = TinyLM()
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            p.copy_(masters[n])
+    optimizer = Muon(reference, MuonConfig.from_dict(MUON_PARAMS))
+    for grads in recorded:
+        for n, p in reference.named_parameters():
+            p.grad = grads[n]
+        optimizer.step()
+    expected = dict(reference.named_parameters())
+    return {
+        "wrapper": type(engine.optimizer).__name__,
+        "steps_recorded": len(recorded),
+        "skipped": engine.skipped_steps,
+        "scale_lowered": engine.optimizer.cur_scale < initial_scale,
+        "errors": {
+            n: (safe_get_full_fp32_param(p) - expected[n]).abs().max().item()
+            for n, p in engine.module.named_parameters()
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -375,6 +422,17 @@ def test_an_overflow_step_is_skipped_and_leaves_momentum_untouched(precision_run
             "params_unchanged": True,
             "momentum_unchanged": True,
         }
+
+
+def test_fp16_dynamic_loss_scaling_skips_overflows_and_trains_like_muon(precision_runs) -> None:
+    """Overflowed steps are skipped (scale halved); the others equal Muon on their grads."""
+    for result in precision_runs:
+        fp16 = result["fp16"]
+        assert fp16["wrapper"] == "DeepSpeedZeroOptimizer"
+        assert fp16["skipped"] >= 1
+        assert fp16["scale_lowered"]
+        assert fp16["steps_recorded"] == FP16_STEPS - fp16["skipped"] >= 1
+        assert max(fp16["errors"].values()) <= TOL, fp16["errors"]
 
 
 def test_one_scheduled_lr_drives_muon_and_adamw_groups(precision_runs) -> None:
