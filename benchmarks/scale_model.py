@@ -575,6 +575,8 @@ class SchemeResult:
     ns_call_redundancy: float
     ns_imbalance: float
     """max / mean NS FLOPs over ranks."""
+    mean_ns_ms: float
+    """NS time at the mean load: what perfect balance would give."""
     padding: float | None = None
     """Megatron: padding elements / parameter elements of its Muon buffers."""
 
@@ -617,6 +619,7 @@ def evaluate(
         ns_redundancy=sum(cost.ns_flops) / logical_flops,
         ns_call_redundancy=sum(cost.ns_calls) / logical_calls,
         ns_imbalance=max(cost.ns_flops) / mean_flops if mean_flops else 1.0,
+        mean_ns_ms=1e3 * mean_flops / ns_rate,
     )
 
 
@@ -800,24 +803,39 @@ def plot(rows: Sequence[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     models = list(dict.fromkeys(row["model"] for row in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    styles = {"muon_ds": "o-", "moonlight_alg1": "s--", "megatron_whole": "^:"}
+    styles = {
+        "muon_ds": ("C0", "o-"),
+        "moonlight_alg1": ("C1", "s--"),
+        "megatron_whole": ("C2", "^:"),
+    }
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
-        for tp in sorted({r["tp"] for r in mine}):
+        for n, tp in enumerate(
+            sorted({r["tp"] for r in mine}, key=lambda t: -sum(r["tp"] == t for r in mine))
+        ):
             series = sorted((r for r in mine if r["tp"] == tp), key=lambda r: r["gpus"])
             for k in SCHEMES:
+                color, style = styles[k]
                 ax.plot(
                     [r["gpus"] for r in series],
                     [100 * r["schemes"][k]["share"] for r in series],
-                    styles[k],
+                    style,
+                    color=color,
+                    markerfacecolor=color if n == 0 else "none",
                     label=f"{k} (TP{tp})",
                 )
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(sorted({r["gpus"] for r in mine}))
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        for formatter in (ax.xaxis.set_major_formatter, ax.yaxis.set_major_formatter):
+            formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("GPUs")
         ax.set_ylabel("optimizer share of step time (%)")
         ax.set_title(model)
