@@ -524,6 +524,15 @@ class Rates:
     hbm_tbps: float = 3.35
     gpus_per_node: int = 8
 
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not value > 0:
+                raise ValueError(f"{field.name}={value} is not allowed: it must be > 0")
+        for name in ("mfu", "ns_efficiency"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name}={getattr(self, name)} is a fraction of peak: (0, 1]")
+
     def describe(self) -> list[str]:
         peak = self.peak_tflops
         return [
@@ -538,6 +547,19 @@ class Rates:
             f"HBM {self.hbm_tbps:g} TB/s; elementwise update {MUON_BYTES_PER_ELEMENT} B per "
             f"Muon element, {ADAMW_BYTES_PER_ELEMENT} B per AdamW element",
         ]
+
+
+RATE_HELP = {
+    "global_batch": "sequences per step over all GPUs",
+    "seq_len": "tokens per sequence",
+    "peak_tflops": "bf16 dense peak per GPU, TFLOP/s",
+    "mfu": "model FLOPs utilisation of the training step, fraction of peak",
+    "ns_efficiency": "Newton-Schulz throughput, fraction of peak",
+    "nvlink_gbps": "intra-node bandwidth per GPU per direction, GB/s",
+    "ib_gbps": "inter-node bandwidth per GPU per direction, GB/s",
+    "hbm_tbps": "memory bandwidth for the elementwise update, TB/s",
+    "gpus_per_node": "GPUs per node (TP must fit inside one)",
+}
 
 
 @dataclass
@@ -853,6 +875,7 @@ def main() -> None:
             "--" + field.name.replace("_", "-"),
             type=type(getattr(defaults, field.name)),
             default=getattr(defaults, field.name),
+            help=f"{RATE_HELP[field.name]} (default {getattr(defaults, field.name)})",
         )
     parser.add_argument(
         "--layout",
@@ -860,11 +883,18 @@ def main() -> None:
         action="append",
         help="model:gpus[:tp[:ep]], repeatable; default: a ladder of 8..1024 GPUs per model",
     )
-    parser.add_argument("--out", type=Path, default=Path("out/scale_model"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/scale_model"), help="writes OUT.json and OUT.png"
+    )
     args = parser.parse_args()
-    rates = Rates(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Rates)})
     config = MuonConfig()
     layouts = args.layout or DEFAULT_LAYOUTS
+    try:
+        rates = Rates(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Rates)})
+        for key, layout in layouts:
+            check_layout(MODELS[key], layout, rates.gpus_per_node)
+    except ValueError as error:
+        parser.error(str(error))
 
     print("Scale model (counted by muon_ds.plan; no GPU ran). Parameters:")
     for line in rates.describe():

@@ -290,3 +290,16 @@ def test_full_size_shapes_have_the_published_parameter_counts():
 def test_layouts_the_shards_cannot_describe_are_refused_by_name(model, layout, message):
     with pytest.raises(ValueError, match=message):
         sm.model_layout(model, layout, RATES, CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("rates", "message"),
+    [
+        ({"mfu": 0.0}, r"mfu=0.0 is not allowed: it must be > 0"),
+        ({"ns_efficiency": 1.5}, r"ns_efficiency=1.5 is a fraction of peak: \(0, 1\]"),
+        ({"ib_gbps": -1.0}, r"ib_gbps=-1.0 is not allowed"),
+    ],
+)
+def test_rates_outside_their_range_are_refused_by_name(rates, message):
+    with pytest.raises(ValueError, match=message):
+        sm.Rates(**rates)
