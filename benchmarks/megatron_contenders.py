@@ -25,11 +25,13 @@ collectives at import), so the CUDA stand-ins and every Megatron import stay ins
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -185,33 +187,38 @@ def _optimizer_config(options: RunOptions, **kwargs: Any) -> Any:
     )
 
 
-class _NewtonSchulzCounter:
-    """Counts what emerging-optimizers' ``newton_schulz`` orthogonalises on this rank."""
+@dataclass
+class _NewtonSchulzWork:
+    """Matrices and FLOPs orthogonalised on this rank since the last ``take``."""
 
-    def __init__(self) -> None:
-        self.matrices = 0
-        self.flops = 0
-
-    @classmethod
-    def install(cls) -> _NewtonSchulzCounter:
-        from emerging_optimizers.orthogonalized_optimizers import muon_utils
-
-        counter = cls()
-        original = muon_utils.newton_schulz
-
-        def counted(x: torch.Tensor, steps: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-            batch = 1 if x.ndim == 2 else x.shape[0]
-            counter.matrices += batch
-            counter.flops += batch * newton_schulz_flops(x.shape[-2], x.shape[-1], steps)
-            return original(x, steps, *args, **kwargs)
-
-        muon_utils.newton_schulz = counted
-        return counter
+    matrices: int = 0
+    flops: int = 0
 
     def take(self) -> tuple[int, int]:
         taken = self.matrices, self.flops
         self.matrices = self.flops = 0
         return taken
+
+
+@contextlib.contextmanager
+def _counting_megatron_newton_schulz() -> Iterator[_NewtonSchulzWork]:
+    """Count every call of emerging-optimizers' ``newton_schulz`` (all TP modes reach it)."""
+    from emerging_optimizers.orthogonalized_optimizers import muon_utils
+
+    work = _NewtonSchulzWork()
+    original = muon_utils.newton_schulz
+
+    def counted(x: torch.Tensor, steps: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        batch = 1 if x.ndim == 2 else x.shape[0]
+        work.matrices += batch
+        work.flops += batch * newton_schulz_flops(x.shape[-2], x.shape[-1], steps)
+        return original(x, steps, *args, **kwargs)
+
+    muon_utils.newton_schulz = counted
+    try:
+        yield work
+    finally:
+        muon_utils.newton_schulz = original
 
 
 def _torch_optimizers(optimizer: Any) -> Iterator[torch.optim.Optimizer]:
@@ -367,69 +374,87 @@ def _run(
     _megatron_counts_collectives()
     from megatron.core import parallel_state as ps
 
-    from tests.integration.megatron_models import constant_schedule
-
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     try:
-        ns_counter = _NewtonSchulzCounter.install()
-        ddp, optimizer = _build_contender(
-            contender, _build_model(shape, tp, ep, options.dtype, options.seed), options
-        )
-        total_steps = options.warmup + options.steps
-        scheduler = constant_schedule(optimizer, options.lr, options.weight_decay, total_steps)
-        muon_ds_parts = _muon_ds_parts(optimizer)
-        per_step: list[tuple[Any, ...]] = []
-        step_times, iteration_times = [], []
-        loss = float("nan")
-        for step in range(total_steps):
-            if step == options.warmup:
-                for part in muon_ds_parts:
-                    part.counter.reset()
-            ids, positions, mask, labels = _batch(shape, options, step)
-            counter.reset()
-            ns_counter.take()
-            started = time.perf_counter()
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            loss_tensor = ddp(ids, positions, mask, labels=labels).float().mean()
-            loss_tensor.backward()
-            ddp.finish_grad_sync()
-            step_started = time.perf_counter()
-            optimizer.step()
-            finished = time.perf_counter()
-            scheduler.step(increment=1)
-            loss = loss_tensor.item()
-            if step < options.warmup:
-                continue
-            step_times.append(finished - step_started)
-            iteration_times.append(finished - started)
-            ns = ns_counter.take()
-            if muon_ds_parts:
-                ns = (
-                    sum(p.counter.ns_matrices for p in muon_ds_parts),
-                    sum(p.counter.ns_flops for p in muon_ds_parts),
-                )
-                for part in muon_ds_parts:
-                    part.counter.ns_matrices = part.counter.ns_flops = 0
-            per_step.append((counter.snapshot(), ns))
-        with counter.pause():
-            return _result(
-                contender,
-                rank,
-                world,
-                shape,
-                layout,
-                options,
-                ddp,
-                optimizer,
-                per_step,
-                step_times,
-                iteration_times,
-                loss,
-                muon_ds_parts,
+        with _counting_megatron_newton_schulz() as megatron_ns:
+            ddp, optimizer = _build_contender(
+                contender, _build_model(shape, tp, ep, options.dtype, options.seed), options
             )
+            steps, loss = _train(ddp, optimizer, shape, options, counter, megatron_ns)
+        with counter.pause():
+            result = _result(contender, rank, world, shape, layout, ddp, optimizer, steps)
+        result["final_loss"] = loss
+        return result
     finally:
         ps.destroy_model_parallel()
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What one measured step cost this rank."""
+
+    collectives: dict[str, dict[str, int]]
+    ns_matrices: int
+    ns_flops: int
+    muon_ds_exchange_bytes: int
+    optimizer_seconds: float
+    iteration_seconds: float
+
+    def counts(self) -> tuple[Any, ...]:
+        return self.collectives, self.ns_matrices, self.ns_flops, self.muon_ds_exchange_bytes
+
+
+def _train(
+    ddp: Any,
+    optimizer: Any,
+    shape: ModelShape,
+    options: RunOptions,
+    counter: collectives.CollectiveCounter,
+    megatron_ns: _NewtonSchulzWork,
+) -> tuple[list[_Step], float]:
+    """``warmup + steps`` iterations under Megatron's scheduler; the measured steps, loss."""
+    from tests.integration.megatron_models import constant_schedule
+
+    total = options.warmup + options.steps
+    scheduler = constant_schedule(optimizer, options.lr, options.weight_decay, total)
+    muon_ds = [part.counter for part in _muon_ds_parts(optimizer)]
+    measured = []
+    loss = torch.tensor(float("nan"))
+    for step in range(total):
+        ids, positions, mask, labels = _batch(shape, options, step)
+        counter.reset()
+        megatron_ns.take()
+        for part in muon_ds:
+            part.reset()
+        started = time.perf_counter()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = ddp(ids, positions, mask, labels=labels).float().mean()
+        loss.backward()
+        ddp.finish_grad_sync()
+        step_started = time.perf_counter()
+        optimizer.step()
+        finished = time.perf_counter()
+        scheduler.step(increment=1)
+        if step < options.warmup:
+            continue
+        ns_matrices, ns_flops = megatron_ns.take()
+        measured.append(
+            _Step(
+                collectives=counter.snapshot(),
+                ns_matrices=ns_matrices + sum(part.ns_matrices for part in muon_ds),
+                ns_flops=ns_flops + sum(part.ns_flops for part in muon_ds),
+                muon_ds_exchange_bytes=sum(
+                    n
+                    for part in muon_ds
+                    for (op, _), n in part.bytes_sent.items()
+                    if op.startswith("muon_")
+                ),
+                optimizer_seconds=finished - step_started,
+                iteration_seconds=finished - started,
+            )
+        )
+    return measured, loss.item()
 
 
 def _result(
@@ -438,30 +463,13 @@ def _result(
     world: int,
     shape: ModelShape,
     layout: str,
-    options: RunOptions,
     ddp: Any,
     optimizer: Any,
-    per_step: list[tuple[Any, ...]],
-    step_times: list[float],
-    iteration_times: list[float],
-    loss: float,
-    muon_ds_parts: list[Any],
+    steps: list[_Step],
 ) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
 
-    steps = len(per_step)
-    _, (ns_calls, ns_flops) = per_step[0]
-    counts_constant = all(entry == per_step[0] for entry in per_step)
-    totals: dict[str, dict[str, int]] = {}
-    for counts, _ in per_step:
-        for op, values in counts.items():
-            for key, value in values.items():
-                totals.setdefault(op, {"calls": 0, "payload": 0, "wire": 0})[key] += value
-    per_step_counts = {
-        op: {key: value // steps for key, value in values.items()} for op, values in totals.items()
-    }
-    notes = "optimizer_step_seconds: ChainedOptimizer.step() (grad norm, clipping, update, "
-    notes += "param all-gather; no overlap)"
+    first = steps[0]
     result: dict[str, Any] = {
         "contender": contender,
         "framework": "megatron",
@@ -470,33 +478,27 @@ def _result(
         "world": world,
         "rank": rank,
         "device": "cpu",
-        "collectives_per_step": per_step_counts,
-        "counts_constant": counts_constant,
-        "ns_calls_per_step": ns_calls,
-        "ns_flops_per_step": ns_flops,
+        "collectives_per_step": first.collectives,
+        "counts_constant": all(s.counts() == first.counts() for s in steps),
+        "ns_calls_per_step": first.ns_matrices,
+        "ns_flops_per_step": first.ns_flops,
         "logical_matrices": 0,
-        "optimizer_step_seconds": statistics.median(step_times),
-        "iteration_seconds": statistics.median(iteration_times),
+        "optimizer_step_seconds": statistics.median(s.optimizer_seconds for s in steps),
+        "iteration_seconds": statistics.median(s.iteration_seconds for s in steps),
         "state_bytes": _state_bytes(optimizer),
         "param_count": sum(p.numel() for p in ddp.parameters()),
-        "final_loss": loss,
-        "notes": notes,
+        "notes": "optimizer_step_seconds: ChainedOptimizer.step() (grad norm, clipping, "
+        "update, param all-gather; no overlap)",
     }
-    if muon_ds_parts:
+    if _muon_ds_parts(optimizer):
         result["logical_matrices"] = _muon_ds_matrices(optimizer)
-        sent = sum(
-            n
-            for part in muon_ds_parts
-            for (op, _), n in part.counter.bytes_sent.items()
-            if op.startswith("muon_")
-        )
-        result["muon_exchange_bytes_per_step"] = sent // steps
+        result["muon_ds_exchange_bytes_per_step"] = first.muon_ds_exchange_bytes
         result["plan_exchange_bytes_per_step"] = _muon_ds_plan_bytes(optimizer)
-        result["notes"] += "; Newton-Schulz counted by muon_ds's CommCounter"
+        result["notes"] += "; NS counted by muon_ds's CommCounter"
     elif contender.startswith("megatron_muon"):
         experts_per_rank = shape.experts // ps.get_expert_model_parallel_world_size()
         result["logical_matrices"] = _megatron_muon_matrices(optimizer, ddp, experts_per_rank)
-        result["notes"] += "; Newton-Schulz counted at emerging_optimizers' newton_schulz"
+        result["notes"] += "; NS counted at emerging-optimizers' newton_schulz"
     return result
 
 
