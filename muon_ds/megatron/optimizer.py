@@ -23,13 +23,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.optimizer import (
     OptimizerConfig,
     _get_param_groups_and_buffers,
     get_standard_config_overrides,
 )
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.optimizer.optimizer import ChainedOptimizer
+from megatron.core.optimizer.optimizer import ChainedOptimizer, param_group_identifier_keys
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config, get_pg_rank
 
@@ -45,7 +46,7 @@ from muon_ds.megatron.views import (
     megatron_route,
     shard_views,
 )
-from muon_ds.sharded import ShardedMuon
+from muon_ds.sharded import MOMENTUM, ShardedMuon
 
 
 def init_muon_state(optimizer: ShardedMuon, config: OptimizerConfig | None = None) -> None:
@@ -60,7 +61,7 @@ def init_muon_state(optimizer: ShardedMuon, config: OptimizerConfig | None = Non
             if state:
                 continue
             if group["algorithm"] == "muon":
-                state["momentum_buffer"] = torch.zeros_like(shard, dtype=torch.float32)
+                state[MOMENTUM] = torch.zeros_like(shard, dtype=torch.float32)
             else:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(shard)
@@ -90,10 +91,17 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         names: Mapping[torch.nn.Parameter, str],
         **distributed_optimizer_args: Any,
     ) -> None:
+        # Every model param of this optimizer, not only this rank's (checkpoints list all),
+        # taken before Megatron puts the shards into these same group dicts.
+        muon_params = {
+            p for group in param_groups if group["algorithm"] == "muon" for p in group["params"]
+        }
         holder = torch.optim.Optimizer(
             list(param_groups), {"lr": config.lr, "weight_decay": config.weight_decay}
         )
         super().__init__(holder, config, None, init_muon_state, **distributed_optimizer_args)
+        self._muon_params = muon_params
+        self._loading_checkpoint = False
         shard_groups = self.optimizer.param_groups
         self._make_fp32_shards_leaves(shard_groups)
         model_params = [
@@ -126,6 +134,168 @@ class MuonDistributedOptimizer(DistributedOptimizer):
                 shards[index] = leaf
                 group["params"][index] = leaf
 
+    # -- dist checkpointing ---------------------------------------------------------
+    #
+    # Megatron 0.19.2 saves a distributed optimizer in "dp_reshardable" (buckets, DP size
+    # may change; megatron.training's default) or "fully_reshardable" (per model
+    # parameter, any DP/TP/PP; --dist-ckpt-optim-fully-reshardable) format; its third,
+    # "fully_sharded_model_space", needs the flattened ShardedTensors 0.19.2 refuses. Both
+    # read a shard's state through ``_get/_set_main_param_and_optimizer_states`` and want
+    # the same keys for every parameter of a buffer: Adam's ``exp_avg`` and
+    # ``exp_avg_sq``. So at that boundary a Muon shard's momentum is ``exp_avg`` (as in the
+    # DeepSpeed adapter; in memory it stays ShardedMuon's fp32 ``momentum_buffer``) and its
+    # ``exp_avg_sq`` a stand-in: a zero-stride zero when saving, scratch when loading,
+    # never kept. "fully_reshardable" drops the stand-in (no zeros written); a
+    # "dp_reshardable" bucket must be covered whole, so there Muon's part of it is written
+    # as zeros, the bytes Megatron's Adam writes. Megatron's ``state_dict`` and
+    # ``load_state_dict`` assume Adam's step (torch: in every shard's state; TE/apex: in
+    # the group) and tell groups apart by lr/wd settings alone, while each Megatron group
+    # here is a Muon and an AdamW half: those two are ours.
+
+    def sharded_state_dict(
+        self,
+        model_sharded_state_dict: ShardedStateDict,
+        is_loading: bool = False,
+        sharding_type: str | None = None,
+        metadata: dict | None = None,
+    ) -> ShardedStateDict:
+        """Megatron's own sharded optimizer state, after creating any missing state.
+
+        Without a named format, megatron.training's default "dp_reshardable" (Megatron
+        core's default, "fully_sharded_model_space", cannot be saved by 0.19.2). Creating
+        the state first (zeros before the first step) means a checkpoint always
+        holds every shard's momentum or moments and a fresh optimizer has tensors for
+        Megatron to load into.
+        """
+        metadata = dict(metadata or {})
+        chosen = sharding_type or metadata.setdefault(
+            "distrib_optim_sharding_type", "dp_reshardable"
+        )
+        if chosen not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"muon_ds: distributed-optimizer checkpoint format {chosen!r} is not "
+                f"supported; allowed: {', '.join(CHECKPOINT_FORMATS)}"
+            )
+        init_muon_state(self.optimizer)
+        self._loading_checkpoint = is_loading
+        try:
+            return super().sharded_state_dict(
+                model_sharded_state_dict, is_loading, sharding_type, metadata
+            )
+        finally:
+            self._loading_checkpoint = False
+
+    def sharded_param_state_fully_reshardable(
+        self,
+        model_sharded_state_dict: ShardedStateDict,
+        is_loading: bool = False,
+        metadata: dict | None = None,
+    ) -> ShardedStateDict | None:
+        """Megatron's per-parameter state, without the Muon parameters' stand-in."""
+        state = super().sharded_param_state_fully_reshardable(
+            model_sharded_state_dict, is_loading, metadata
+        )
+        if state is None:  # memory-efficient mode: only DP rank 0 holds the state
+            return None
+        index = 0  # Megatron numbers every parameter of every buffer, local or not
+        for buffer in self.buffers:
+            for param in buffer.param_index_map:
+                if param in self._muon_params:
+                    del state[index]["exp_avg_sq"]
+                index += 1
+        return state
+
+    def _get_main_param_and_optimizer_states(
+        self, model_param: torch.nn.Parameter
+    ) -> dict[str, torch.Tensor]:
+        tensors = super()._get_main_param_and_optimizer_states(model_param)
+        if MOMENTUM in tensors:
+            momentum = tensors.pop(MOMENTUM)
+            tensors["exp_avg"] = momentum
+            tensors["exp_avg_sq"] = (
+                torch.empty_like(momentum)
+                if self._loading_checkpoint
+                else momentum.new_zeros(()).expand_as(momentum)
+            )
+        return tensors
+
+    def _set_main_param_and_optimizer_states(
+        self, model_param: torch.nn.Parameter, tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Copy a loaded main-param shard and its state into place (``step`` comes from the
+        groups); a state tensor the checkpoint lacks is an error naming the parameter."""
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        shard = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[shard]
+        targets = {"param": shard}
+        if MOMENTUM in state:
+            targets["exp_avg"] = state[MOMENTUM]
+        else:
+            targets.update({k: state[k] for k in ("exp_avg", "exp_avg_sq")})
+        missing = sorted(targets.keys() - tensors.keys())
+        if missing:
+            raise ValueError(
+                f"muon_ds: the checkpoint lacks {missing} of parameter "
+                f"{self._param_name(model_param)!r}; it holds {sorted(tensors)}"
+            )
+        for key, target in targets.items():
+            target.copy_(tensors[key])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The param groups (lr, wd, overrides, algorithm) with AdamW's step in each, as
+        Megatron writes it: the state that is not per-parameter."""
+        step = self._adamw_step()
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "step": step}
+            for group in self.optimizer.param_groups
+        ]
+        return {"optimizer": {"param_groups": groups}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore groups and AdamW's step, then the parameter state Megatron loaded.
+
+        Saved groups are matched to ours by Megatron's group identifiers plus the
+        algorithm, so a checkpoint of another optimizer fails here with its groups named.
+        """
+        init_muon_state(self.optimizer)
+        saved_groups = state_dict["optimizer"]["param_groups"]
+        saved = {_group_identity(group): group for group in saved_groups}
+        for group in self.optimizer.param_groups:
+            identity = _group_identity(group)
+            if identity not in saved:
+                raise ValueError(
+                    "muon_ds: the checkpoint has no param group "
+                    f"{dict(zip(_IDENTITY, identity, strict=True))}; its groups are "
+                    f"{[dict(zip(_IDENTITY, i, strict=True)) for i in saved]}. It was "
+                    "saved by another optimizer: muon_ds loads only its own state"
+                )
+            group.update({k: v for k, v in saved[identity].items() if k != "step"})
+        steps = {group["step"] for group in saved_groups}
+        if len(steps) != 1:
+            raise ValueError(f"muon_ds: the checkpoint's param groups disagree on step: {steps}")
+        step = steps.pop()
+        for group in self.optimizer.param_groups:
+            if group["algorithm"] == "adamw":
+                for shard in group["params"]:
+                    self.optimizer.state[shard]["step"].fill_(step)
+        if "param_state" in state_dict:
+            loaders = {
+                "dp_reshardable": self.load_parameter_state_from_dp_reshardable,
+                "fully_reshardable": self.load_parameter_state_from_fully_reshardable,
+            }
+            loaders[state_dict["param_state_sharding_type"]](state_dict["param_state"])
+
+    def _adamw_step(self) -> float:
+        """AdamW's step count, the same on every DP rank (some may hold no AdamW shard)."""
+        local = -1.0
+        for group in self.optimizer.param_groups:
+            if group["algorithm"] == "adamw":
+                for shard in group["params"]:
+                    local = max(local, self.optimizer.state[shard]["step"].item())
+        step = torch.tensor([local], device=self.buffers[0].grad_data.device)
+        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.data_parallel_group)
+        return max(step.item(), 0.0)
+
     @torch.no_grad()
     def prepare_grads(self) -> bool:
         """Megatron's grad copy, then True (skip) if any rank holds a non-finite grad.
@@ -141,6 +311,16 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         bad = (~finite).to(torch.int32).reshape(1).to(self.buffers[0].grad_data.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return found_inf or bool(bad.item())
+
+
+CHECKPOINT_FORMATS = ("dp_reshardable", "fully_reshardable")
+"""Megatron's distributed-optimizer checkpoint formats muon_ds saves and loads."""
+
+_IDENTITY = ("algorithm", *param_group_identifier_keys)
+
+
+def _group_identity(group: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(group.get(key) for key in _IDENTITY)
 
 
 def split_by_route(
