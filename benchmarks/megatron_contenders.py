@@ -21,6 +21,11 @@ Newton-Schulz is counted by wrapping emerging-optimizers' ``newton_schulz`` (whi
 variants call), muon_ds's by its own counter. ``run`` executes inside a spawned rank whose
 ``collectives.install()`` has run before Megatron is imported (Megatron binds some
 collectives at import), so the CUDA stand-ins and every Megatron import stay inside it.
+
+These contenders run on CPU gloo ranks only (``launch/megatron/cpu_shims.py`` installed,
+parameters on the CPU), even where a GPU is present; an NCCL/GPU variant is not written.
+A bare ``assert`` failing inside Megatron is re-raised with its file, line and condition,
+so the driver's one-line error names it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import functools
 import re
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +91,28 @@ def parallel_sizes(layout: str, world: int) -> tuple[int, int]:
             "(DP being expert-DP when EP is given), and TP with EP is not benchmarked"
         )
     return tp, ep
+
+
+@functools.cache
+def _install_cpu_shims() -> None:
+    """The launcher's CUDA stand-ins for Megatron on CPU, once per process."""
+    from launch.megatron.cpu_shims import install
+
+    install()
+
+
+@contextlib.contextmanager
+def _located_assertions() -> Iterator[None]:
+    """Give a bare ``assert`` failing in Megatron its place and condition as the message,
+    so the driver's one-line error says what failed."""
+    try:
+        yield
+    except AssertionError as error:
+        if str(error):
+            raise
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        where = frame.filename.rsplit("site-packages/", 1)[-1]
+        raise AssertionError(f"{where}:{frame.lineno}: {frame.line}") from error
 
 
 def _megatron_counts_collectives() -> None:
@@ -355,28 +383,21 @@ def _batch(shape: ModelShape, options: RunOptions, step: int) -> tuple[torch.Ten
 
 
 def _run(
-    contender: str,
-    rank: int,
-    world: int,
-    shape: ModelShape,
-    options: RunOptions,
-    layout: str | None = None,
+    contender: str, rank: int, world: int, shape: ModelShape, options: RunOptions
 ) -> dict[str, Any]:
-    """Train ``contender`` on this rank; ``layout`` defaults to the first of ``LAYOUTS``."""
-    layout = layout or LAYOUTS[(shape.name, world)][0]
+    """Train ``contender`` on this rank in ``options.layout`` (empty: DP over every rank)."""
+    layout = options.layout or f"DP={world}"
     counter = collectives.install()
     tp, ep = parallel_sizes(layout, world)
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    from tests.integration import megatron_shims
-
-    megatron_shims.install()
+    _install_cpu_shims()
     _megatron_counts_collectives()
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     try:
-        with _counting_megatron_newton_schulz() as megatron_ns:
+        with _located_assertions(), _counting_megatron_newton_schulz() as megatron_ns:
             ddp, optimizer = _build_contender(
                 contender, _build_model(shape, tp, ep, options.dtype, options.seed), options
             )
@@ -413,10 +434,22 @@ def _train(
     megatron_ns: _NewtonSchulzWork,
 ) -> tuple[list[_Step], float]:
     """``warmup + steps`` iterations under Megatron's scheduler; the measured steps, loss."""
-    from tests.integration.megatron_models import constant_schedule
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     total = options.warmup + options.steps
-    scheduler = constant_schedule(optimizer, options.lr, options.weight_decay, total)
+    scheduler = OptimizerParamScheduler(  # constant lr and wd, written by Megatron every step
+        optimizer,
+        init_lr=options.lr,
+        max_lr=options.lr,
+        min_lr=options.lr,
+        lr_warmup_steps=0,
+        lr_decay_steps=total,
+        lr_decay_style="constant",
+        start_wd=options.weight_decay,
+        end_wd=options.weight_decay,
+        wd_incr_steps=total,
+        wd_incr_style="constant",
+    )
     muon_ds = [part.counter for part in _muon_ds_parts(optimizer)]
     measured = []
     loss = torch.tensor(float("nan"))
@@ -511,4 +544,4 @@ CONTENDERS: dict[str, Callable[..., dict[str, Any]]] = {
         "muon_ds_megatron",
     )
 }
-"""``run(rank, world, shape, options, layout)``: one rank's result dict (picklable for spawn)."""
+"""``run(rank, world, shape, options)``: one rank's result dict (picklable for spawn)."""

@@ -42,7 +42,7 @@ TINY = ModelShape(
     seq=16,
     micro_batch=2,
 )
-OPTIONS = RunOptions(steps=3, warmup=1, dtype="bf16")
+OPTIONS = RunOptions(steps=3, warmup=1, dtype="bf16", layout=LAYOUT)
 CONTENDERS = (
     "megatron_adam",
     "megatron_muon_layerwise",
@@ -57,7 +57,7 @@ def _run_all(rank: int, world: int) -> dict[str, dict[str, Any]]:
     collectives.install()  # before Megatron is imported, as the driver does
     from benchmarks.megatron_contenders import CONTENDERS as RUNS
 
-    return {name: RUNS[name](rank, world, TINY, OPTIONS, LAYOUT) for name in CONTENDERS}
+    return {name: RUNS[name](rank, world, TINY, OPTIONS) for name in CONTENDERS}
 
 
 @pytest.fixture(scope="module")
