@@ -159,7 +159,13 @@ def _rank_main(
                 dist.destroy_process_group()
 
 
-def run_one(run: Run, options: RunOptions, logs: Path, timeout: float) -> dict[str, Any]:
+def run_one(
+    run: Run,
+    options: RunOptions,
+    logs: Path,
+    timeout: float,
+    grace: float = FAILURE_GRACE_SECONDS,
+) -> dict[str, Any]:
     """Spawn the ranks, collect one record each; any failure makes the whole run failed."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
@@ -184,12 +190,14 @@ def run_one(run: Run, options: RunOptions, logs: Path, timeout: float) -> dict[s
                 rank, status, payload = results.get(timeout=1.0)
             except queue_module.Empty:
                 for rank, proc in enumerate(procs):
-                    if rank not in outcomes and proc.exitcode is not None:
-                        outcomes[rank] = ("error", f"rank {rank} exited with code {proc.exitcode}")
+                    # A clean exit's record may still be in the pipe; a crash sends none.
+                    if rank not in outcomes and proc.exitcode not in (None, 0):
+                        outcomes[rank] = ("error", f"exited with code {proc.exitcode}")
+                        deadline = min(deadline, time.monotonic() + grace)
                 continue
             outcomes[rank] = (status, payload)
             if status == "error":
-                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_SECONDS)
+                deadline = min(deadline, time.monotonic() + grace)
     finally:
         for proc in procs:
             proc.join(timeout=5)
@@ -202,7 +210,9 @@ def run_one(run: Run, options: RunOptions, logs: Path, timeout: float) -> dict[s
         "world": run.world,
         "layout": run.layout,
     }
-    errors = sorted((r, p) for r, (s, p) in outcomes.items() if s == "error")
+    # Dicts keep arrival order: the first error is the cause, later ones mostly its echo
+    # (peers losing their connection to the failed rank).
+    errors = [(r, p) for r, (status, p) in outcomes.items() if status == "error"]
     if errors or len(outcomes) < run.world:
         if errors:
             rank, message = errors[0]

@@ -237,6 +237,8 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
         "logical_matrices": len(expected),
         "optimizer_step_seconds": statistics.median(step_times),
         "iteration_seconds": statistics.median(iteration_times),
+        "optimizer_step_seconds_each": step_times,
+        "iteration_seconds_each": iteration_times,
         "state_bytes": _state_bytes(engine.basic_optimizer),
         "param_count": sum(p.numel() for p in engine.module.parameters()),
         "final_loss": final_loss.item() / world,
