@@ -26,6 +26,7 @@ the other two it only flattens gradients).
 from __future__ import annotations
 
 import importlib
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -82,7 +83,14 @@ def _init_deepspeed() -> None:
     import deepspeed
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _now() -> float:
+    """Wall time after the device has finished what was queued (a no-op wait on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 class _NewtonSchulzCount:
@@ -115,11 +123,11 @@ def _timed(owner: Any, method: str, seconds: list[float]) -> None:
     original: Callable[..., Any] = getattr(owner, method)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = _now()
         try:
             return original(*args, **kwargs)
         finally:
-            seconds[0] += time.perf_counter() - start
+            seconds[0] += _now() - start
 
     setattr(owner, method, timed)
 
@@ -187,16 +195,16 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
     snapshots, ns_per_step, step_times, iteration_times = [], [], [], []
     loss = torch.zeros(())
     for step in range(options.warmup + options.steps):
-        batch = tokens(shape, options, step, rank)
+        batch = tokens(shape, options, step, rank).to(engine.device)
         counter.reset()
         before = _ns_totals(contender, engine, ns_count)
         flatten_seconds[0] = 0.0
-        start = time.perf_counter()
+        start = _now()
         loss = engine(batch)
         engine.backward(loss)
-        backward_done = time.perf_counter()
+        backward_done = _now()
         engine.step()
-        end = time.perf_counter()
+        end = _now()
         after = _ns_totals(contender, engine, ns_count)
         if step >= options.warmup:
             snapshots.append(counter.snapshot())
@@ -211,15 +219,17 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
         staged.numel() * staged.element_size()
         for staged, _ in getattr(engine.optimizer, "_muon_pending_momentum", {}).values()
     )
+    eager = os.environ.get("TORCHDYNAMO_DISABLE") == "1"  # what torch.compile itself reads
+    compiled = "eager (TORCHDYNAMO_DISABLE=1)" if eager else "torch.compile"
     notes = {
         "zero1_adamw": "torch AdamW on each rank's ZeRO-1 partition.",
         "deepspeed_muon": (
-            "DeepSpeed's Muon: momentum + NS of every matrix a rank holds any part of run in "
-            "backward (ZeRO get_flat_partition), counted in the optimizer time; NS "
-            "'standard' quintic in bf16 under torch.compile; scale sqrt(max(1,rows/cols)); "
-            f"state_bytes leaves out its momentum staging copy ({staging} B)."
+            "DeepSpeed's Muon: momentum + NS of every matrix a rank holds any part of, run in "
+            "backward (ZeRO get_flat_partition); NS 'standard' quintic, bf16, "
+            f"{compiled}; scale sqrt(max(1,rows/cols)); state_bytes leaves out its "
+            f"momentum staging copy ({staging} B)."
         ),
-        "muon_ds_deepspeed": "muon_ds MuonDS: Moonlight Muon, bf16 NS once per matrix by its owner",
+        "muon_ds_deepspeed": "MuonDS: Moonlight's Muon, bf16 NS once per matrix by its owner.",
     }[contender]
     return {
         "contender": contender,
