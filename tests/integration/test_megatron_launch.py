@@ -1,0 +1,141 @@
+"""``--optimizer muon`` through ``launch/megatron/train_cpu.sh``: Megatron's own
+``pretrain()`` on 4 CPU ranks (torchrun, gloo), end to end.
+
+Each test runs the launcher once, as a user would, and reads what the ranks print:
+Megatron's per-iteration ``lm loss`` and validation loss, muon_ds's effective-config line
+(rank 0) and each rank's counted Newton-Schulz matrices. The launcher's model has
+``LAYERS`` layers with separate Q/K/V (query groups), gated fc1 (gate, up) and fc2 in
+every layer; the MoE variant has ``EXPERTS`` SequentialMLP experts and a router instead of
+the dense MLP. Every logical matrix is orthogonalised exactly once per step in the whole
+world, so the ranks' counts add up to matrices x steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from muon_ds import MuonConfig
+
+pytestmark = pytest.mark.dist
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / "launch" / "megatron" / "train_cpu.sh"
+RANKS, STEPS = 4, 10
+LAYERS, EXPERTS = 2, 6
+DENSE_MATRICES = LAYERS * (3 + 1 + 2 + 1)  # Q, K, V; proj; gate, up; fc2
+MOE_MATRICES = LAYERS * (3 + 1 + 1 + 3 * EXPERTS)  # ...; router; gate, up, fc2 per expert
+# The launcher's lr and weight decay; every other field is Moonlight's, spelled out there
+# with Megatron's --muon-* flags.
+EXPECTED_CONFIG = MuonConfig(lr=2e-2, weight_decay=0.1)
+
+_ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: (\S+) \|")
+_VALIDATION = re.compile(
+    r"validation loss at iteration \d+ on validation set \| lm loss value: (\S+) "
+)
+_NS = re.compile(r"muon_ds: rank (\d+): Newton-Schulz on (\d+) matrices")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(*flags: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {
+        **os.environ,
+        "RANKS": str(RANKS),
+        "STEPS": str(STEPS),
+        "MASTER_PORT": str(_free_port()),
+        "PYTHON": sys.executable,
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(LAUNCHER), *flags],
+        env=environment,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+def _losses(run: subprocess.CompletedProcess) -> list[float]:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    losses = {int(step): float(loss) for step, loss in _ITERATION.findall(run.stdout)}
+    assert sorted(losses) == list(range(1, STEPS + 1)), sorted(losses)
+    return [losses[step] for step in range(1, STEPS + 1)]
+
+
+def _assert_trains(run: subprocess.CompletedProcess) -> None:
+    """Finite losses that fall well below the first; held-out validation below it too."""
+    losses = _losses(run)
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
+    (validation,) = (float(v) for v in _VALIDATION.findall(run.stdout))
+    assert math.isfinite(validation), validation
+    assert validation < 0.75 * losses[0], (validation, losses)
+
+
+def _ns_by_rank(run: subprocess.CompletedProcess) -> dict[int, int]:
+    return {int(rank): int(n) for rank, n in _NS.findall(run.stdout)}
+
+
+def _assert_muon_ds_ran(run: subprocess.CompletedProcess, matrices: int) -> None:
+    effective = [line for line in run.stdout.splitlines() if "muon_ds: effective" in line]
+    assert effective == [f"muon_ds: effective {EXPECTED_CONFIG}"], effective
+    by_rank = _ns_by_rank(run)
+    assert sorted(by_rank) == list(range(RANKS)), by_rank
+    assert sum(by_rank.values()) == matrices * STEPS, by_rank
+
+
+def test_dense_tp2_dp2_trains_with_muon_ds_through_pretrain() -> None:
+    run = _launch(TP="2", EP="1")
+    _assert_trains(run)
+    _assert_muon_ds_ran(run, DENSE_MATRICES)
+
+
+def test_moe_ep2_trains_with_muon_ds_through_pretrain() -> None:
+    run = _launch(MOE="1", TP="1", EP="2")
+    _assert_trains(run)
+    _assert_muon_ds_ran(run, MOE_MATRICES)
+
+
+def test_muon_impl_megatron_trains_with_megatrons_own_muon() -> None:
+    run = _launch(TP="2", EP="1", IMPL="megatron")
+    _assert_trains(run)
+    assert "muon_ds:" not in run.stdout
+
+
+def test_unsupported_muon_flag_fails_on_every_rank_without_hanging(tmp_path: Path) -> None:
+    """Every rank refuses the flag by itself, naming it and what is allowed, and exits.
+
+    torchrun stops the remaining ranks as soon as it sees one fail. Checking its workers
+    only every 60 s (the ranks refuse while parsing, about 15 s in, and are gone a few
+    seconds later) lets every rank get there on its own: its per-rank log shows the
+    message and the summary its own exit code, so no rank ran on or waited for another.
+    """
+    run = _launch(
+        "--muon-extra-scale-factor",
+        "0.5",
+        PET_MONITOR_INTERVAL="60",
+        PET_LOG_DIR=str(tmp_path),
+        PET_REDIRECTS="3",
+    )
+    assert run.returncode != 0
+    message = (
+        "ValueError: muon_ds: --muon-extra-scale-factor 0.5: muon_ds supports 0.2 "
+        "(Moonlight, the default) and 1.0"
+    )
+    for rank in range(RANKS):
+        (log,) = tmp_path.glob(f"*/attempt_0/{rank}/stderr.log")
+        assert message in log.read_text(), (rank, log.read_text()[-2000:])
+    assert run.stderr.count("exitcode  : 1 ") == RANKS, run.stderr[-3000:]
