@@ -9,7 +9,8 @@ The shape of Megatron-LM's ``pretrain_gpt.py`` (``model_provider``, a datasets p
   distributed optimizer. ``--muon-impl megatron`` leaves Megatron's own Muon in place.
 - The data is embedded: byte-level windows of Python's standard-library sources
   (``launch/tiny_gpt.py``'s corpus, vocabulary 256, held-out files for validation), so
-  nothing is downloaded and no tokenizer is needed (``--tokenizer-type NullTokenizer``).
+  nothing is downloaded and no tokenizer is needed (``--tokenizer-type NullTokenizer``);
+  ``--mock-data`` takes Megatron's own MockGPTDataset instead.
 - ``--cpu`` (with ``--distributed-backend gloo``) installs ``cpu_shims`` before anything
   else, so the same ``pretrain()`` runs on CPU ranks; GPU runs never load it.
 
@@ -20,6 +21,7 @@ launch.megatron.pretrain_gpt ...`` (see ``train_cpu.sh`` and ``train_gpu.sh``).
 from __future__ import annotations
 
 import argparse
+import importlib
 from functools import partial
 from typing import Any
 
@@ -134,7 +136,13 @@ class ByteWindows(torch.utils.data.Dataset):
 
 def train_valid_test_datasets_provider(
     num_samples: list[int], vp_stage: int | None = None
-) -> tuple[ByteWindows, ByteWindows | None, None]:
+) -> tuple[Any, Any, Any]:
+    """The embedded byte corpus, or Megatron's MockGPTDataset under ``--mock-data``."""
+    args = get_args()
+    return mock_datasets(num_samples) if args.mock_data else byte_datasets(num_samples)
+
+
+def byte_datasets(num_samples: list[int]) -> tuple[ByteWindows, ByteWindows | None, None]:
     """Training windows from the training files, validation windows from held-out files."""
     args = get_args()
     if args.padded_vocab_size < VOCAB_SIZE:
@@ -150,6 +158,27 @@ def train_valid_test_datasets_provider(
         ByteWindows(corpus.val, valid, args.seq_length, args.seed + 1) if valid else None,
         None,
     )
+
+
+def mock_datasets(num_samples: list[int]) -> tuple[Any, Any, Any]:
+    """Megatron's random-token datasets, built by its own builder (throughput runs)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+    from megatron.training import get_tokenizer
+
+    args = get_args()
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        split=args.split,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+    )
+    return BlendedMegatronDatasetBuilder(MockGPTDataset, num_samples, lambda: True, config).build()
 
 
 # Every rank builds the (cheap, deterministic) datasets: no TP broadcast of batches.
@@ -187,9 +216,10 @@ def use_prebuilt_dataset_helpers() -> None:
     so rank 0's ``make`` fails and exits the job; when the compiled module imports, there
     is nothing to build.
     """
-    from megatron.core.datasets import helpers_cpp, utils
+    from megatron.core.datasets import utils
 
-    del helpers_cpp
+    # Raises here, clearly, if the compiled helpers are missing after all.
+    importlib.import_module("megatron.core.datasets.helpers_cpp")
     utils.compile_helpers = lambda: None
 
 
@@ -233,12 +263,17 @@ def main() -> None:
     )
     if args.cpu and args.distributed_backend != "gloo":
         raise ValueError("--cpu needs --distributed-backend gloo")
+    if args.data_path or args.train_data_path or args.sft:
+        raise ValueError(
+            "pretrain_gpt.py trains on its embedded byte corpus or, with --mock-data, on "
+            "Megatron's mock data; it reads no --data-path / --train-data-path / --sft data"
+        )
     use_prebuilt_dataset_helpers()
     muon_config = muon_config_from_args(args)
+    built: list[Any] = []
     if muon_config is not None:
         use_muon_ds(muon_config, qkv_split_from_args(args))
-    built: list[Any] = []
-    remember_optimizer(built)
+        remember_optimizer(built)
     pretrain(
         pretrain_cfg_container_from_args(args),
         train_valid_test_datasets_provider,
