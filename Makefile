@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo sweep test lint venv
+.PHONY: demo megatron-demo sweep test lint venv
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 # DeepSpeed ZeRO-1 on $(RANKS) CPU ranks: muon_ds vs AdamW, curves and communication.
 demo: $(STAMP)
 	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train_deepspeed.py $(DEMO_ARGS)
+
+# Megatron's own pretrain() on 4 CPU ranks (TP=2 x DP=2, gloo), --optimizer muon (muon_ds).
+megatron-demo: $(STAMP)
+	PYTHON=$(PY) launch/megatron/train_cpu.sh $(MEGATRON_ARGS)
 
 # Single process: each optimizer at the best lr of a small sweep (how the demo's lrs were chosen).
 sweep: $(STAMP)
