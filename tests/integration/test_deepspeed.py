@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -551,6 +553,77 @@ def test_fewer_newton_schulz_calls_and_less_state_than_deepspeed_muon(versus) ->
     assert theirs > ours  # a straddling matrix is orthogonalised by each of its holders
     for result in versus:
         assert result["ours_state_bytes"] < result["theirs_state_bytes"]
+
+
+REDUCTION_MODES = {"all_reduce": True, "reduce": False}
+"""DeepSpeed's ``use_multi_rank_bucket_allreduce``: True (its default) all-reduces the whole
+gradient; False reduces each partition's slice to its owner, except that DeepSpeed's own
+Muon must still all-reduce every matrix that straddles a partition."""
+
+
+def _bytes_versus_deepspeed_muon(rank: int, world: int) -> dict[str, Any]:
+    """Wire bytes of one step (after a first) per op: AdamW, DeepSpeed's Muon, muon_ds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import collectives
+
+    counter = collectives.install()  # before DeepSpeed caches its collective functions
+    use_gloo_only(rank, world)
+    contenders = {
+        "adamw": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "deepspeed_muon": {"type": "Muon", "params": {"lr": 0.02, "ns_method": "standard"}},
+        "muon_ds": {"type": "MuonDS", "params": MUON_PARAMS},
+    }
+    results: dict[str, Any] = {}
+    for mode, multi_rank in REDUCTION_MODES.items():
+        zero = {"stage": 1, "use_multi_rank_bucket_allreduce": multi_rank}
+        for name, optimizer in contenders.items():
+            engine = _engine(ds_config(optimizer, zero_optimization=zero))
+            _train(engine, rank, 1, range(1))
+            exchanged = engine.basic_optimizer.exchange_bytes() if name == "muon_ds" else 0
+            counter.reset()
+            _train(engine, rank, 1, range(1, 2))
+            wire = {op: counted["wire"] for op, counted in counter.snapshot().items()}
+            if name == "muon_ds":
+                wire["exchange"] = engine.basic_optimizer.exchange_bytes() - exchanged
+            results[f"{mode}:{name}"] = wire
+    return results
+
+
+@pytest.fixture(scope="module")
+def bytes_versus() -> list[dict[str, Any]]:
+    return run_ranks(4, _bytes_versus_deepspeed_muon, timeout=900)
+
+
+def _total(wire: dict[str, int]) -> int:
+    return sum(n for op, n in wire.items() if op != "exchange")
+
+
+def test_under_all_reduce_muon_ds_adds_exactly_its_exchange_to_deepspeed_muon(
+    bytes_versus,
+) -> None:
+    """DeepSpeed all-reduces the full gradient, so its Muon moves no extra byte: it repeats
+    Newton-Schulz on every holder of a straddling matrix instead. muon_ds moves the same
+    gradient and parameter bytes plus its bf16 exchange of straddling slices, and no more."""
+    for result in bytes_versus:
+        ours, theirs = result["all_reduce:muon_ds"], result["all_reduce:deepspeed_muon"]
+        assert ours["exchange"] > 0  # TinyLM's matrices straddle DP=4 partitions
+        assert ours["all_to_all_single"] == ours["exchange"]
+        assert {op: n for op, n in ours.items() if op not in ("all_to_all_single", "exchange")} == (
+            theirs
+        )
+
+
+def test_under_partition_reduce_muon_ds_moves_fewer_bytes_than_deepspeed_muon(
+    bytes_versus,
+) -> None:
+    """With per-partition reduces, DeepSpeed's Muon all-reduces straddling matrices whole;
+    muon_ds keeps ZeRO's reduce for every gradient and exchanges only the slices."""
+    for result in bytes_versus:
+        ours, theirs = result["reduce:muon_ds"], result["reduce:deepspeed_muon"]
+        adamw = result["reduce:adamw"]
+        assert ours["reduce"] == adamw["reduce"]
+        assert ours["all_to_all_single"] == ours["exchange"] > 0
+        assert _total(ours) < _total(theirs)
 
 
 # --- resharding: DP 4 -> DP 2 through DeepSpeed's universal checkpoint ---------------------
