@@ -98,15 +98,21 @@ def plan_runs(
     selected: list[str],
     shapes: list[ModelShape],
     worlds: list[int],
-) -> list[Run]:
-    runs = []
+) -> tuple[list[Run], list[str]]:
+    """The runs to make, and each (contender, model, world) it has no layout for."""
+    runs, unsupported = [], []
     for shape in shapes:
         for world in worlds:
             for contender in selected:
                 module, layouts = contenders[contender]
-                for layout in layouts_of(layouts, shape.name, world):
+                supported = layouts_of(layouts, shape.name, world)
+                if not supported:
+                    unsupported.append(
+                        f"{contender} has no layout for {shape.name} at {world} ranks"
+                    )
+                for layout in supported:
                     runs.append(Run(module, contender, shape, world, layout))
-    return runs
+    return runs, unsupported
 
 
 # --- one run: a process per rank -------------------------------------------------------------
@@ -305,7 +311,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         "| state MB | final loss |"
     )
     lines = [header, header_rule(header)]
-    for r in records:
+    for r in _table_order(records):
         head = f"| {r['model']} | {r['layout']} | {r['contender']} |"
         if r["status"] != "ok":
             lines.append(f"{head} FAILED: {r['error'].replace('|', '/')} |" + " |" * 10)
@@ -322,6 +328,11 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _table_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Grouped by model, ranks and layout, contenders in run order within a group."""
+    return sorted(records, key=lambda r: (r["model"], r["world"], r["layout"]))
+
+
 def header_rule(header: str) -> str:
     return "|" + "---|" * (header.count("|") - 1)
 
@@ -329,7 +340,7 @@ def header_rule(header: str) -> str:
 def per_rank_table(records: list[dict[str, Any]]) -> str:
     header = "| model | layout | contender | op | calls/step per rank | wire KB/step per rank |"
     lines = [header, header_rule(header)]
-    for r in records:
+    for r in _table_order(records):
         if r["status"] != "ok":
             continue
         for op, values in r["summary"]["by_op"].items():
@@ -461,7 +472,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     shapes = [CPU_SHAPES[m] for m in args.models]
     if args.full_size:
         shapes = [full_size(s) for s in shapes]
-    runs = plan_runs(contenders, args.contenders, shapes, args.worlds)
+    runs, unsupported = plan_runs(contenders, args.contenders, shapes, args.worlds)
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     records = []
@@ -475,7 +486,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"# Communication overhead ({options.steps} measured steps after "
             f"{options.warmup} warm-up, {options.dtype})",
             device_line(records),
-            *[f"Not run: {problem}" for problem in problems],
+            *[f"Not run: {reason}." for reason in problems + unsupported],
             markdown_table(records),
             "Per rank, by collective (ranks in order):",
             per_rank_table(records),
