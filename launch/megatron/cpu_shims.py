@@ -7,7 +7,7 @@ needs them, and ``pretrain_gpt.py`` installs them only under ``--cpu``. They pat
 and Megatron process-wide, so call ``install()`` inside a rank (a spawned test rank, a
 ``--cpu`` launch), never in the pytest process.
 
-Shims 1-6 are what Megatron's DDP and optimizers need (the Megatron tests); 7-14 are the
+Shims 1-6 are what Megatron's DDP and optimizers need (the Megatron tests); 7-13 are the
 further calls ``megatron.training``'s ``validate_args`` and ``pretrain()`` make. Install
 them before Megatron parses the command line (validate_args is one of the callers).
 """
@@ -85,7 +85,7 @@ def install() -> None:
         yield
 
     random.CudaRNGStatesTracker.fork = fork
-    # 6. Safeguards: never hit in these tests, harmless if a code path adds them.
+    # 6. Safeguards: harmless no-ops if a code path reaches them.
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.empty_cache = lambda *args, **kwargs: None
     # 7. pretrain() calls initialize_megatron(), which asserts CUDA unless allow_no_cuda.
@@ -96,27 +96,18 @@ def install() -> None:
     #    the CPU is that one device.
     torch.cuda.device_count = lambda: 1
     torch.cuda.set_device = lambda *args, **kwargs: None
-    # 9. The RNG tracker snapshots CUDA generator states; with (5) nothing ever forks one.
-    random.CudaRNGStatesTracker.add = _record_seed
-    # 10. get_model() moves each model chunk to the current device: it is already there.
+    # 9. get_model() moves each model chunk to the current device: it is already there.
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
-    # 11. get_model() wraps DDP on a side stream.
+    # 10. get_model() wraps DDP on a side stream.
     torch.cuda.Stream = lambda *args, **kwargs: _Stream()
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
-    # 12. pretrain() warms up Megatron's fused CUDA kernels (bias-GeLU, bias-dropout-add).
+    # 11. pretrain() warms up Megatron's fused CUDA kernels (bias-GeLU, bias-dropout-add).
     training.set_jit_fusion_options = lambda *args, **kwargs: None
-    # 13. The rerun state machine saves and restores the CUDA generator around every step;
-    #     there is none (the CPU generator it saves too is the one in use).
+    # 12. The RNG tracker (seeding) and the rerun state machine (around every step) save
+    #     and restore the CUDA generator; there is none (they save the CPU one too).
     torch.cuda.get_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
     torch.cuda.set_rng_state = lambda *args, **kwargs: None
-    # 14. validate_args reads the GPU architecture when TP > 1 and then asks for one CUDA
+    # 13. validate_args reads the GPU architecture when TP > 1 and then asks for one CUDA
     #     connection queue; without a GPU there is no architecture and no queue to limit.
     arguments.get_device_arch_version = lambda: 0
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-
-
-def _record_seed(self: Any, name: str, seed: int) -> None:
-    """``CudaRNGStatesTracker.add`` without a CUDA generator: keep its bookkeeping only."""
-    self._is_initialized = True
-    self.seeds_.add(seed)
-    self.states_[name] = None
