@@ -6,7 +6,9 @@ Output: a ``Plan`` that every rank computes identically from the same input:
 * each logical matrix gets one *owner*, so Newton-Schulz runs once per matrix;
 * owners are the rank holding most of the matrix (fewest bytes), unless that would push
   the rank's Newton-Schulz FLOPs past ``imbalance_limit`` x the mean, in which case the
-  matrix goes where it fits (greedy longest-processing-time over FLOPs);
+  matrix goes where it fits (greedy longest-processing-time over FLOPs). A rank's FLOPs
+  include what it already owns in other groups' plans (``prior_flops``): an MoE rank owns
+  dense matrices and experts, and only their sum is its Newton-Schulz time;
 * a matrix whose owner holds all of it moves nothing (``Plan.local``); the others are
   packed, largest first, into buckets of at most ``bucket_bytes`` on the wire, so the next
   bucket's exchange overlaps this bucket's Newton-Schulz;
@@ -153,11 +155,19 @@ def build_plan(
     imbalance_limit: float,
     bucket_bytes: int,
     wire_bytes: int,
+    prior_flops: Sequence[int] | None = None,
 ) -> Plan:
-    """Plan the exchange of one group from every rank's Muon shard views."""
+    """Plan the exchange of one group from every rank's Muon shard views.
+
+    ``prior_flops[r]``: Newton-Schulz FLOPs group rank ``r`` already owns in other plans,
+    balanced against together with this group's (zeros when omitted).
+    """
     world = len(views_by_rank)
+    prior = list(prior_flops) if prior_flops is not None else [0] * world
+    if len(prior) != world or any(f < 0 for f in prior):
+        raise PlanError(f"prior_flops={prior} must hold one count >= 0 per rank ({world})")
     unowned = _logical_matrices(views_by_rank, ns_steps)
-    owners = _assign_owners(unowned, world, imbalance_limit)
+    owners = _assign_owners(unowned, prior, imbalance_limit)
     matrices = tuple(
         dataclasses.replace(
             m,
@@ -301,11 +311,14 @@ def _check_blocks(name: str, blocks: tuple, rows: int) -> None:
         )
 
 
-def _assign_owners(matrices: list[MatrixPlan], world: int, imbalance_limit: float) -> list[int]:
+def _assign_owners(
+    matrices: list[MatrixPlan], prior: list[int], imbalance_limit: float
+) -> list[int]:
     """Largest holder unless it overflows its share of FLOPs; else where it fits best."""
+    world = len(prior)
     flops = [m.flops for m in matrices]
-    limit = imbalance_limit * sum(flops) / world
-    load = [0] * world
+    limit = imbalance_limit * (sum(flops) + sum(prior)) / world
+    load = list(prior)
     owners = [0] * len(matrices)
     for i in sorted(range(len(matrices)), key=lambda i: (-flops[i], i)):
         held: dict[int, int] = defaultdict(int)

@@ -52,6 +52,11 @@ class ShardedMuonCore:
     framework that already skips steps with a non-finite gradient on every rank before
     calling the optimizer (DeepSpeed's overflow check, the Megatron adapter's found-inf)
     sets ``framework_skips_nonfinite``, which drops our own per-step all-reduce vote.
+    ``ns_load`` maps global ranks to the Newton-Schulz FLOPs they already own: every
+    group's owners are balanced against it and added to it, so cores built one after
+    another over one model (DeepSpeed's param groups, Megatron's dense and expert
+    optimizers) that share one mapping balance each rank's total, not each group alone.
+    Every rank plans every group, so the mapping stays identical across ranks.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class ShardedMuonCore:
         process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
         momentum_key: str = MOMENTUM,
         framework_skips_nonfinite: bool = False,
+        ns_load: MutableMapping[int, int] | None = None,
     ) -> None:
         self.buffers = list(buffers)
         self.momentum_key = momentum_key
@@ -73,7 +79,9 @@ class ShardedMuonCore:
         self.counter = CommCounter()
         groups = dict(process_groups or {"dense": None})
         problem = self._local_problem(groups)
-        self.plans, self._exchanges = self._agree_and_plan(groups, problem)
+        self.plans, self._exchanges = self._agree_and_plan(
+            groups, problem, {} if ns_load is None else ns_load
+        )
 
     # -- construction ---------------------------------------------------------------
 
@@ -112,7 +120,10 @@ class ShardedMuonCore:
         return None
 
     def _agree_and_plan(
-        self, groups: Mapping[str, dist.ProcessGroup | None], problem: str | None
+        self,
+        groups: Mapping[str, dist.ProcessGroup | None],
+        problem: str | None,
+        ns_load: MutableMapping[int, int],
     ) -> tuple[dict[str, Plan], list[Exchange]]:
         """Gather every rank's metadata, check agreement, build every group's plan.
 
@@ -150,9 +161,12 @@ class ShardedMuonCore:
                         imbalance_limit=self.config.owner_imbalance_limit,
                         bucket_bytes=int(self.config.exchange_bucket_mb * 2**20),
                         wire_bytes=ns_dtype.itemsize,
+                        prior_flops=[ns_load.get(r, 0) for r in ranks],
                     )
                 except PlanError as error:
                     raise PlanError(f"group {key!r} (ranks {list(ranks)}): {error}") from None
+                for group_rank, global_rank in enumerate(ranks):
+                    ns_load[global_rank] = ns_load.get(global_rank, 0) + plan.ns_flops(group_rank)
                 if rank not in ranks:
                     continue
                 plans[key] = plan
@@ -263,7 +277,7 @@ class ShardedMuon(torch.optim.Optimizer):
 
     ``param_groups``: torch-style groups of flat shard buffers, each with
     ``"algorithm"`` set; a buffer is referenced by its position across all groups.
-    ``views`` and ``process_groups``: as for ``ShardedMuonCore``. ``lr`` and
+    ``views``, ``process_groups`` and ``ns_load``: as for ``ShardedMuonCore``. ``lr`` and
     ``weight_decay`` are read from the groups at every step, so LR schedulers work.
     Non-finite gradients skip the step on every rank, as in ``muon_ds.Muon``.
     """
@@ -275,6 +289,7 @@ class ShardedMuon(torch.optim.Optimizer):
         config: MuonConfig,
         process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
         framework_skips_nonfinite: bool = False,
+        ns_load: MutableMapping[int, int] | None = None,
     ) -> None:
         self.config = config
         self.skipped_steps = 0
@@ -288,6 +303,7 @@ class ShardedMuon(torch.optim.Optimizer):
             config,
             process_groups,
             framework_skips_nonfinite=framework_skips_nonfinite,
+            ns_load=ns_load,
         )
 
     @property

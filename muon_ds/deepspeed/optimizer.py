@@ -59,6 +59,8 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
         defaults = {"lr": self.config.lr, "weight_decay": self.config.weight_decay}
         super().__init__(groups, defaults)
         self._cores: dict[int, ShardedMuonCore] = {}
+        # Newton-Schulz FLOPs per global rank over every group's core built so far.
+        self._ns_load: dict[int, int] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -150,6 +152,7 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
             momentum_key=MOMENTUM_KEY,
             # ZeRO's step returns before calling us when the gradient norm is not finite.
             framework_skips_nonfinite=True,
+            ns_load=self._ns_load,
         )
         self._cores[key] = core
         return core

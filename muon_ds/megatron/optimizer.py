@@ -79,6 +79,8 @@ class MuonDistributedOptimizer(DistributedOptimizer):
 
     ``exchange_groups`` maps the view group names of ``muon_ds.megatron.views`` to process
     groups: every rank holding a piece of a logical matrix must be in its group.
+    ``ns_load`` is shared by the dense and the expert optimizer of one model, so each
+    rank's Newton-Schulz FLOPs are balanced over both (``ShardedMuonCore``).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         exchange_groups: Mapping[str, dist.ProcessGroup],
         layout: ModelLayout,
         names: Mapping[torch.nn.Parameter, str],
+        ns_load: dict[int, int],
         **distributed_optimizer_args: Any,
     ) -> None:
         # Every model param of this optimizer, not only this rank's (checkpoints list all),
@@ -116,7 +119,12 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         views = shard_views(shard_groups, model_params, ranges, names, layout)
         # prepare_grads below votes on finiteness across ranks before step() is reached.
         self.optimizer = ShardedMuon(
-            shard_groups, views, muon_config, exchange_groups, framework_skips_nonfinite=True
+            shard_groups,
+            views,
+            muon_config,
+            exchange_groups,
+            framework_skips_nonfinite=True,
+            ns_load=ns_load,
         )
 
     def _make_fp32_shards_leaves(self, shard_groups: list[dict[str, Any]]) -> None:
@@ -416,6 +424,8 @@ def get_muon_ds_optimizer(
         for name, param in chunk.named_parameters():
             names[param] = name if len(model_chunks) == 1 else f"chunk{index}.{name}"
 
+    ns_load: dict[int, int] = {}
+
     def build(is_expert: bool, **args: Any) -> MuonDistributedOptimizer | None:
         # Collective (Megatron aligns the groups over the world): every rank calls it.
         param_groups, buffers = _get_param_groups_and_buffers(
@@ -434,6 +444,7 @@ def get_muon_ds_optimizer(
             muon_config,
             layout=layout,
             names=names,
+            ns_load=ns_load,
             model_chunks=list(model_chunks),
             per_model_buffers=buffers,
             distributed_optimizer_instance_id=0,

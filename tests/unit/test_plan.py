@@ -247,3 +247,41 @@ def test_blocks_that_do_not_cover_every_row_are_rejected():
     views = [[ShardView("w", (4, 4), 0, 16, 0, 0, blocks=blocks)]]
     with pytest.raises(PlanError, match=r"must cover rows \[0, 4\) once"):
         _plan(views)
+
+
+def test_owners_balance_the_flops_a_rank_already_owns_in_other_groups():
+    """An MoE rank's Newton-Schulz time is its dense plus its expert matrices: planned
+    after the dense group, the experts go where the dense load is light."""
+    world = 4
+    dense = _plan(_zero1_views(DENSE_GPT[:4], world), bucket_bytes=2**26)  # attention
+    prior = [dense.ns_flops(r) for r in range(world)]
+    experts = _zero1_views(MOE_LAYER[3:27], world)  # 8 experts
+    alone = _plan(experts, bucket_bytes=2**26)
+    joint = build_plan(
+        experts,
+        ns_steps=5,
+        imbalance_limit=1.1,
+        bucket_bytes=2**26,
+        wire_bytes=2,
+        prior_flops=prior,
+    )
+
+    def worst(plan):
+        totals = [prior[r] + plan.ns_flops(r) for r in range(world)]
+        return max(totals) / (sum(totals) / world)
+
+    assert sum(map(joint.ns_flops, range(world))) == sum(map(alone.ns_flops, range(world)))
+    assert worst(alone) > 1.1  # balanced group by group, the sum is not
+    assert worst(joint) <= 1.1
+
+
+def test_prior_flops_must_name_every_rank_of_the_group():
+    with pytest.raises(PlanError, match=r"prior_flops=\[0\] must hold one count >= 0 per rank"):
+        build_plan(
+            _zero1_views([("w", 8, 8)], 2),
+            ns_steps=5,
+            imbalance_limit=1.1,
+            bucket_bytes=64,
+            wire_bytes=2,
+            prior_flops=[0],
+        )
