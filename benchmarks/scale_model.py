@@ -317,21 +317,22 @@ def zero1_views(params: Sequence[LocalParam], ranks: int) -> list[list[ShardView
 
 @dataclass(frozen=True)
 class Group:
-    """One exchange group's views, planned once, and the global ranks of each of its copies.
+    """One exchange group: every copy's views and global ranks.
 
-    ``replicas[k][i]`` is the global rank of group rank ``i`` in copy ``k``. ``copies``
-    says the replicas hold the same matrices (TP copies of replicated params) rather
-    than different ones (the experts of different EP ranks).
+    Copy ``k``'s group rank ``i`` holds ``views[k][i]`` and is global rank
+    ``replicas[k][i]``. ``copies`` says the copies hold the same matrices (TP copies of
+    replicated params, sharing one views object) rather than different ones (the experts
+    of different EP ranks).
     """
 
     name: str
-    views_by_rank: tuple[tuple[ShardView, ...], ...]
+    views: tuple[tuple[tuple[ShardView, ...], ...], ...]
     replicas: tuple[tuple[int, ...], ...]
     copies: bool
 
 
-def build_groups(model: Model, layout: Layout, ep_rank: int = 0) -> list[Group]:
-    """The exchange groups of ``layout`` (experts as EP rank ``ep_rank`` holds them)."""
+def build_groups(model: Model, layout: Layout) -> list[Group]:
+    """The exchange groups of ``layout``, every copy with its own views."""
     specs = [s for s in transformer_params(model) if s.muon]
     tp, dp, ep = layout.tp, layout.dp, layout.ep
     groups = []
@@ -344,28 +345,73 @@ def build_groups(model: Model, layout: Layout, ep_rank: int = 0) -> list[Group]:
         tuple(v for v in by_tp[t][d] if v.group == "dense_tp") for d in range(dp) for t in range(tp)
     )
     if any(tp_split):
-        groups.append(Group("dense_tp", tp_split, (tuple(range(layout.gpus)),), copies=False))
+        groups.append(Group("dense_tp", (tp_split,), (tuple(range(layout.gpus)),), copies=False))
+    # Every TP rank's buffer has the same TP-local sizes, so its replicated params sit at
+    # the same places: TP rank 0's views are every TP rank's.
     whole = tuple(tuple(v for v in by_tp[0][d] if v.group == "dense") for d in range(dp))
     if any(whole):
         replicas = tuple(tuple(t + tp * d for d in range(dp)) for t in range(tp))
-        groups.append(Group("dense", whole, replicas, copies=True))
+        groups.append(Group("dense", (whole,) * tp, replicas, copies=True))
     if model.shape.experts:
         local = model.shape.experts // ep
-        mine = [s for s in specs if s.expert is not None and s.expert // local == ep_rank]
-        views = zero1_views([local_param(s, model, 1, 0) for s in mine], layout.expert_dp)
+        views = tuple(
+            tuple(
+                map(
+                    tuple,
+                    zero1_views(
+                        [
+                            local_param(s, model, 1, 0)
+                            for s in specs
+                            if s.expert is not None and s.expert // local == e
+                        ],
+                        layout.expert_dp,
+                    ),
+                )
+            )
+            for e in range(ep)
+        )
         replicas = tuple(tuple(e + ep * j for j in range(layout.expert_dp)) for e in range(ep))
-        groups.append(Group("expert", tuple(map(tuple, views)), replicas, copies=False))
+        groups.append(Group("expert", views, replicas, copies=False))
     return groups
 
 
-def plan_group(group: Group, config: MuonConfig, wire_bytes: int) -> Plan:
-    return build_plan(
-        group.views_by_rank,
-        ns_steps=config.ns_steps,
-        imbalance_limit=config.owner_imbalance_limit,
-        bucket_bytes=int(config.exchange_bucket_mb * 2**20),
-        wire_bytes=wire_bytes,
-    )
+def plan_muon_ds(
+    groups: Sequence[Group], config: MuonConfig, wire_bytes: int
+) -> tuple[dict[str, list[Plan]], list[int]]:
+    """Every copy of every group planned as muon_ds's Megatron adapter plans it.
+
+    One ``ns_load`` ledger per model: the dense optimizer's core plans "dense" then
+    "dense_tp", then the expert optimizer's core plans "expert" (sorted names give this
+    order), each group's copies in sorted order of their global ranks, and each plan
+    balances against the Newton-Schulz FLOPs its ranks already own (``prior_flops``).
+    Returns each group's plans in ``replicas`` order and the ledger (FLOPs per global rank).
+    """
+    world = 1 + max(r for g in groups for ranks in g.replicas for r in ranks)
+    ledger = [0] * world
+    plans: dict[str, list[Plan]] = {}
+    for group in sorted(groups, key=lambda g: g.name):
+        copy_plans: list[Plan | None] = [None] * len(group.replicas)
+        planned: dict[tuple[int, tuple[int, ...]], Plan] = {}
+        for k in sorted(range(len(group.replicas)), key=lambda k: group.replicas[k]):
+            views, ranks = group.views[k], group.replicas[k]
+            prior = tuple(ledger[r] for r in ranks)
+            # Same views and same priors plan alike; only the "dense" copies, planned first
+            # on an empty ledger, ever meet this.
+            key = (id(views), prior)
+            if key not in planned:
+                planned[key] = build_plan(
+                    views,
+                    ns_steps=config.ns_steps,
+                    imbalance_limit=config.owner_imbalance_limit,
+                    bucket_bytes=int(config.exchange_bucket_mb * 2**20),
+                    wire_bytes=wire_bytes,
+                    prior_flops=prior,
+                )
+            plan = copy_plans[k] = planned[key]
+            for i, r in enumerate(ranks):
+                ledger[r] += plan.ns_flops(i)
+        plans[group.name] = [p for p in copy_plans if p is not None]
+    return plans, ledger
 
 
 # -- what each scheme moves and computes, per group rank --------------------------------------
@@ -656,15 +702,15 @@ def model_layout(
     wire_bytes = 2 if config.ns_dtype == "bfloat16" else 4
     specs = transformer_params(model)
     groups = build_groups(model, layout)
-    plans = {g.name: plan_group(g, config, wire_bytes) for g in groups}
+    plans, _ = plan_muon_ds(groups, config, wire_bytes)
     world, tp, dp = layout.gpus, layout.tp, layout.dp
 
     # Each logical matrix once: TP copies of a replicated matrix are the same matrix.
     logical_flops = logical_calls = 0
     for g in groups:
-        copies = 1 if g.copies else len(g.replicas)
-        logical_flops += copies * sum(m.flops for m in plans[g.name].matrices)
-        logical_calls += copies * len(plans[g.name].matrices)
+        for plan in plans[g.name][: 1 if g.copies else None]:
+            logical_flops += sum(m.flops for m in plan.matrices)
+            logical_calls += len(plan.matrices)
 
     adamw_local = sum(s.numel // (tp if s.tp_dim is not None else 1) for s in specs if not s.muon)
     adamw_shard = -(-adamw_local // dp)
@@ -672,8 +718,8 @@ def model_layout(
     def zero1_elements() -> list[list[int]]:
         elements = [[0, adamw_shard] for _ in range(world)]
         for g in groups:
-            for replica in g.replicas:
-                for i, views in enumerate(g.views_by_rank):
+            for copy_views, replica in zip(g.views, g.replicas, strict=True):
+                for i, views in enumerate(copy_views):
                     elements[replica[i]][0] += sum(v.numel for v in views)
         return elements
 
@@ -683,30 +729,30 @@ def model_layout(
     muon_ds = blank(zero1_elements())
     alg1 = blank(zero1_elements())
     for g in groups:
-        plan = plans[g.name]
         group_tp = tp if g.name == "dense_tp" else 1
-        for replica in g.replicas:
+        for plan, replica in zip(plans[g.name], g.replicas, strict=True):
             muon_ds.add(muon_ds_cost(plan, wire_bytes), replica)
             alg1.add(algorithm1_cost(plan, group_tp, wire_bytes), replica)
 
     # Megatron: one layer-wise buffer for the dense Muon params (split or not), one for
     # each EP rank's experts; padding is what the layout adds to both.
     order = [s.name for s in specs]
-    dense = whole_params([plans[n] for n in ("dense_tp", "dense") if n in plans], order)
+    dense = whole_params([plans[n][0] for n in ("dense_tp", "dense") if n in plans], order)
     dense_layout = megatron_layout(dense, dp)
     megatron_elements = [[dense_layout.loads[r // tp], adamw_shard] for r in range(world)]
     padding, buffer_numel = dense_layout.padding * tp, sum(p.numel for p in dense) * tp
     megatron = GlobalCost(defaultdict(int), [0] * world, [0] * world, [])
     megatron.add(megatron_cost(dense, dense_layout, tp, wire_bytes), range(world))
     if "expert" in plans:
-        experts = whole_params([plans["expert"]], order)
-        expert_layout = megatron_layout(experts, layout.expert_dp)
-        for replica in next(g for g in groups if g.name == "expert").replicas:
+        expert_replicas = next(g for g in groups if g.name == "expert").replicas
+        for plan, replica in zip(plans["expert"], expert_replicas, strict=True):
+            experts = whole_params([plan], order)
+            expert_layout = megatron_layout(experts, layout.expert_dp)
             megatron.add(megatron_cost(experts, expert_layout, 1, wire_bytes), replica)
             for j, r in enumerate(replica):
                 megatron_elements[r][0] += expert_layout.loads[j]
-        padding += expert_layout.padding * layout.ep
-        buffer_numel += sum(p.numel for p in experts) * layout.ep
+            padding += expert_layout.padding
+            buffer_numel += sum(p.numel for p in experts)
     megatron.elements = [tuple(e) for e in megatron_elements]
 
     n_active = active_params(model, specs)
@@ -733,15 +779,15 @@ def model_layout(
         "tokens_per_gpu": tokens_per_gpu,
         "compute_s": compute_s,
         "plans": {
-            name: {
-                "ranks": plan.world,
+            g.name: {
+                "ranks": len(g.replicas[0]),
                 "copies": len(g.replicas),
-                "matrices": len(plan.matrices),
-                "local_matrices": len(plan.local),
-                "buckets": len(plan.buckets),
+                "planned": len({id(p) for p in plans[g.name]}),
+                "matrices": [len(p.matrices) for p in plans[g.name]],
+                "local_matrices": [len(p.local) for p in plans[g.name]],
+                "buckets": [len(p.buckets) for p in plans[g.name]],
             }
             for g in groups
-            for name, plan in [(g.name, plans[g.name])]
         },
         "schemes": {name: dataclasses.asdict(r) for name, r in results.items()},
     }
