@@ -10,6 +10,7 @@ import pytest
 
 from muon_ds.config import MuonConfig
 from muon_ds.math import newton_schulz_flops
+from muon_ds.plan import build_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -71,42 +72,32 @@ def _logical_matrices(model: sm.Model) -> list[tuple[str, int, int]]:
     return found
 
 
-def _plans(model: sm.Model, layout: sm.Layout, ep_rank: int = 0):
-    groups = sm.build_groups(model, layout, ep_rank)
-    return groups, {g.name: sm.plan_group(g, CONFIG, 2) for g in groups}
+def _plans(model: sm.Model, layout: sm.Layout):
+    groups = sm.build_groups(model, layout)
+    return groups, sm.plan_muon_ds(groups, CONFIG, 2)[0]
 
 
 @pytest.mark.parametrize(("model", "layout"), LAYOUTS, ids=IDS)
 def test_muon_ds_counts_are_the_plans_own(model, layout):
     groups, plans = _plans(model, layout)
     for g in groups:
-        plan = plans[g.name]
-        cost = sm.muon_ds_cost(plan, 2)
-        sent = [0] * plan.world
-        for (src, _), nbytes in cost.flows.items():
-            sent[src] += nbytes
-        assert sent == [plan.bytes_sent(r, 2) for r in range(plan.world)]
-        assert cost.ns_flops == [plan.ns_flops(r) for r in range(plan.world)]
-        assert cost.ns_calls == [plan.ns_matrices(r) for r in range(plan.world)]
+        for plan in plans[g.name]:
+            cost = sm.muon_ds_cost(plan, 2)
+            sent = [0] * plan.world
+            for (src, _), nbytes in cost.flows.items():
+                sent[src] += nbytes
+            assert sent == [plan.bytes_sent(r, 2) for r in range(plan.world)]
+            assert cost.ns_flops == [plan.ns_flops(r) for r in range(plan.world)]
+            assert cost.ns_calls == [plan.ns_matrices(r) for r in range(plan.world)]
     # Over all groups and copies the plans hold each logical matrix of the model once
     # (TP copies of a replicated matrix count once: they are the same matrix).
     planned = sorted(
         (m.name, m.rows, m.cols)
         for g in groups
-        for _ in range(1 if g.copies else len(g.replicas))
-        for m in plans[g.name].matrices
+        for plan in plans[g.name][: 1 if g.copies else None]
+        for m in plan.matrices
     )
-    if layout.ep > 1:  # the one planned expert group stands for every EP rank's experts
-        planned = [m for m in planned if ".experts." not in m[0]]
-        planned += [
-            m
-            for ep_rank in range(layout.ep)
-            for m in sorted(
-                (m.name, m.rows, m.cols)
-                for m in _plans(model, layout, ep_rank)[1]["expert"].matrices
-            )
-        ]
-    assert sorted(planned) == sorted(_logical_matrices(model))
+    assert planned == sorted(_logical_matrices(model))
 
 
 @pytest.mark.parametrize(("model", "layout"), LAYOUTS, ids=IDS)
@@ -144,9 +135,9 @@ def _holdings(views, model: sm.Model, layout: sm.Layout):
 def test_algorithm1_gathers_every_straddling_matrix_to_every_holder():
     model, layout = TINY_DENSE, sm.Layout(4)
     (group,), plans = _plans(model, layout)
-    plan = plans[group.name]
+    (plan,) = plans[group.name]
     cost = sm.algorithm1_cost(plan, 1, 2)
-    held = _holdings(group.views_by_rank, model, layout)
+    held = _holdings(group.views[0], model, layout)
     flops = {(m.name, m.key): m.flops for m in plan.matrices}
     received = [0] * plan.world
     ns = [0] * plan.world
@@ -168,7 +159,7 @@ def test_algorithm1_gathers_every_straddling_matrix_to_every_holder():
 
 def test_algorithm1_adds_a_tp_gather_of_the_other_tp_ranks_parts():
     model, layout = TINY_DENSE, sm.Layout(2, tp=2)  # DP=1: only the TP gather moves
-    plan = _plans(model, layout)[1]["dense_tp"]
+    (plan,) = _plans(model, layout)[1]["dense_tp"]
     cost = sm.algorithm1_cost(plan, 2, 2)
     local = sum(m.numel // 2 for m in plan.matrices)
     assert dict(cost.flows) == {(0, 1): 2 * local, (1, 0): 2 * local}
@@ -177,9 +168,9 @@ def test_algorithm1_adds_a_tp_gather_of_the_other_tp_ranks_parts():
 
 def test_megatron_layout_keeps_every_param_whole_moves_nothing_and_pads():
     model, layout = TINY_DENSE, sm.Layout(4)
-    plans = _plans(model, layout)[1]
+    plans = [copies[0] for copies in _plans(model, layout)[1].values()]
     order = [p.name for p in sm.transformer_params(model)]
-    params = sm.whole_params(plans.values(), order)
+    params = sm.whole_params(plans, order)
     placed = sm.megatron_layout(params, layout.dp)
     assert sorted(placed.shard_of) == sorted(p.name for p in params)
     assert sum(placed.loads) == sum(p.numel for p in params)
@@ -201,10 +192,10 @@ def test_megatron_duplicated_mode_gathers_over_tp_and_repeats_newton_schulz_tp_t
     row = sm.model_layout(model, layout, RATES, CONFIG)
     megatron = row["schemes"]["megatron_whole"]
     assert megatron["ns_redundancy"] == 2.0  # every dense matrix of this model is TP-split
-    plans = _plans(model, layout)[1]
-    tp_local = sum(m.numel // 2 for m in plans["dense_tp"].matrices)
+    (plan,) = _plans(model, layout)[1]["dense_tp"]
+    tp_local = sum(m.numel // 2 for m in plan.matrices)
     assert megatron["total_bytes_sent"] == 2 * tp_local * (layout.tp - 1) * layout.tp
-    params = sm.whole_params(plans.values(), [p.name for p in sm.transformer_params(model)])
+    params = sm.whole_params([plan], [p.name for p in sm.transformer_params(model)])
     placed = sm.megatron_layout(params, layout.dp)
     cost = sm.megatron_cost(params, placed, layout.tp, 2)
     for d in range(layout.dp):
@@ -234,16 +225,71 @@ def test_bytes_inside_a_node_move_at_nvlink_speed_and_between_nodes_at_ib_speed(
     assert result.max_bytes_sent == 10e9
 
 
-def test_an_expert_group_planned_once_stands_exactly_for_every_ep_rank():
-    layout = sm.Layout(4, ep=2)
-    reference = _plans(TINY_MOE, layout, ep_rank=0)[1]["expert"]
-    other = _plans(TINY_MOE, layout, ep_rank=1)[1]["expert"]
-    assert [m.name for m in other.matrices] != [m.name for m in reference.matrices]
-    for r in range(reference.world):
-        assert other.bytes_sent(r, 2) == reference.bytes_sent(r, 2)
-        assert other.ns_flops(r) == reference.ns_flops(r)
-    strip = [(m.key, m.rows, m.cols, m.owner, m.pieces) for m in reference.matrices]
-    assert [(m.key, m.rows, m.cols, m.owner, m.pieces) for m in other.matrices] == strip
+def _plan_alone(views, prior_flops=None):
+    return build_plan(
+        views,
+        ns_steps=CONFIG.ns_steps,
+        imbalance_limit=CONFIG.owner_imbalance_limit,
+        bucket_bytes=int(CONFIG.exchange_bucket_mb * 2**20),
+        wire_bytes=2,
+        prior_flops=prior_flops,
+    )
+
+
+MOE_LAYOUTS = [sm.Layout(4, ep=2), sm.Layout(8, tp=2, ep=2), sm.Layout(16, ep=2)]
+MOE_IDS = ["dp4-ep2", "dp4xtp2-ep2", "dp16-ep2"]
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS, ids=MOE_IDS)
+def test_muon_ds_plans_each_copy_against_the_flops_its_ranks_own_in_earlier_plans(layout):
+    """As muon_ds's Megatron adapter: the dense core plans "dense" then "dense_tp", then
+    the expert core "expert"; copies in ascending global ranks; one ledger throughout."""
+    groups = {g.name: g for g in sm.build_groups(TINY_MOE, layout)}
+    plans, ledger = sm.plan_muon_ds(list(groups.values()), CONFIG, 2)
+    owned = [0] * layout.gpus
+    priors_differ = False
+    for name in [n for n in ("dense", "dense_tp", "expert") if n in groups]:
+        group = groups[name]
+        assert list(group.replicas) == sorted(group.replicas)
+        priors = [[owned[r] for r in ranks] for ranks in group.replicas]
+        for k, ranks in enumerate(group.replicas):
+            prior = [owned[r] for r in ranks]
+            assert plans[name][k] == _plan_alone(group.views[k], prior)
+            for i, r in enumerate(ranks):
+                owned[r] += plans[name][k].ns_flops(i)
+        priors_differ |= name == "expert" and priors[0] != priors[1]
+    assert priors_differ  # the EP copies do meet different dense loads
+    assert ledger == owned
+    # The scheme's per-rank Newton-Schulz FLOPs are the ledger's.
+    muon_ds = sm.model_layout(TINY_MOE, layout, RATES, CONFIG)["schemes"]["muon_ds"]
+    assert muon_ds["max_ns_tflop"] == max(owned) / 1e12
+    assert muon_ds["ns_imbalance"] == max(owned) / (sum(owned) / layout.gpus)
+
+
+@pytest.mark.parametrize(
+    ("layout", "strictly_better"),
+    list(zip(MOE_LAYOUTS, (False, True, True), strict=True)),
+    ids=MOE_IDS,
+)
+def test_muon_ds_balance_over_all_groups_is_no_worse_than_balancing_each_group_alone(
+    layout, strictly_better
+):
+    groups = sm.build_groups(TINY_MOE, layout)
+    ledger = sm.plan_muon_ds(groups, CONFIG, 2)[1]
+    alone = [0] * layout.gpus
+    for g in groups:
+        for views, ranks in zip(g.views, g.replicas, strict=True):
+            plan = _plan_alone(views)
+            for i, r in enumerate(ranks):
+                alone[r] += plan.ns_flops(i)
+    assert sum(ledger) == sum(alone)  # the same matrices, only their owners moved
+
+    def worst(loads):
+        return max(loads) / (sum(loads) / len(loads))
+
+    assert worst(ledger) <= worst(alone)
+    if strictly_better:  # group by group, some rank's experts land on its big dense share
+        assert worst(ledger) < worst(alone)
 
 
 def test_the_slowest_rank_sets_optimizer_time_by_the_stated_rates():
