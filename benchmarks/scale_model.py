@@ -6,8 +6,12 @@ and computes per step, then turns the counts into time with stated H100-like rat
 
 * **muon_ds**: ``muon_ds.plan.build_plan`` over ``ShardView``s of ZeRO-1 element-wise
   shards. Each logical matrix has one owner; straddling slices travel to it in bf16 and
-  the update travels back; Newton-Schulz runs once per matrix, FLOP-balanced. Bytes and
-  FLOPs are the plan's own (``Plan.matrices`` pieces and owners, ``bytes_sent``).
+  the update travels back; Newton-Schulz runs once per matrix. Owners balance each rank's
+  total Newton-Schulz FLOPs over all its groups, as muon_ds's Megatron adapter plans them:
+  one per-rank ledger (muon_ds's ``ns_load``), the dense optimizer's groups ("dense", then
+  "dense_tp") before the expert optimizer's, each group's copies in ascending global
+  ranks, each plan given its ranks' FLOPs so far as ``prior_flops``. Bytes and FLOPs are
+  the plans' own (``Plan.matrices`` pieces and owners, ``bytes_sent``).
 * **Moonlight Algorithm 1**: from the same pieces, every rank holding part of a matrix
   receives the rest of it in bf16 (a DP gather, then a TP gather for TP-split matrices)
   and runs Newton-Schulz on the whole matrix itself.
@@ -30,13 +34,14 @@ Global rank = t + TP * d (TP innermost, so TP stays inside a node) and, for expe
 e + EP * j; node = rank // gpus_per_node. A byte between two ranks of one node moves at
 NVLink speed, else at InfiniBand speed.
 
-**Exactness and the one shortcut.** Every exchange group is planned whole, every layer
-(no layer is assumed to shard like another). Groups that are copies of each other are
-planned once: the DP groups of replicated (not TP-split) params are identical on every
-TP rank, and the expert-DP groups of different EP ranks hold identical views up to the
-experts' names, which are zero-padded so the planner's name order (hence every owner and
-piece) is the same. The single plan is then mapped onto each copy's global ranks, so
-every per-rank number is exact. The unit tests check this against a second copy.
+**Exactness.** Every exchange group is planned whole, every layer (no layer is assumed
+to shard like another), and every copy of a group on its own views with its own priors:
+each EP rank's expert-DP group meets a different dense load, so its owners differ. One
+plan is shared, exactly: the DP groups of replicated (not TP-split) params have the same
+views on every TP rank and are planned first, on an empty ledger, so every TP copy's
+input, hence its plan, is identical (the planner is called once per distinct input).
+The unit tests replay the ledger plan by plan. (Under DeepSpeed, muon_ds plans per
+param group in the user's group order; that order is not modelled here.)
 
 **Step time.** ``compute = 6 * N_active * tokens_per_gpu / (mfu * peak)``, with N_active
 every matmul weight a token passes through (top-k of the routed experts, the output
@@ -390,7 +395,7 @@ def plan_muon_ds(
     ledger = [0] * world
     plans: dict[str, list[Plan]] = {}
     for group in sorted(groups, key=lambda g: g.name):
-        copy_plans: list[Plan | None] = [None] * len(group.replicas)
+        by_copy: dict[int, Plan] = {}
         planned: dict[tuple[int, tuple[int, ...]], Plan] = {}
         for k in sorted(range(len(group.replicas)), key=lambda k: group.replicas[k]):
             views, ranks = group.views[k], group.replicas[k]
@@ -407,10 +412,10 @@ def plan_muon_ds(
                     wire_bytes=wire_bytes,
                     prior_flops=prior,
                 )
-            plan = copy_plans[k] = planned[key]
+            plan = by_copy[k] = planned[key]
             for i, r in enumerate(ranks):
                 ledger[r] += plan.ns_flops(i)
-        plans[group.name] = [p for p in copy_plans if p is not None]
+        plans[group.name] = [by_copy[k] for k in range(len(group.replicas))]
     return plans, ledger
 
 
