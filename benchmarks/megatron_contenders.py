@@ -115,7 +115,7 @@ def _located_assertions() -> Iterator[None]:
         raise AssertionError(f"{where}:{frame.lineno}: {frame.line}") from error
 
 
-def _megatron_counts_collectives() -> None:
+def _check_megatron_collectives_counted() -> None:
     from megatron.core.distributed import param_and_grad_buffer
 
     if not hasattr(param_and_grad_buffer.dist_reduce_scatter_func, "__wrapped__"):
@@ -392,7 +392,7 @@ def _run(
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     _install_cpu_shims()
-    _megatron_counts_collectives()
+    _check_megatron_collectives_counted()
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
