@@ -1,0 +1,417 @@
+"""Megatron dist-checkpoint save/load of muon_ds, through Megatron's own machinery.
+
+Each scenario (one spawn of real gloo ranks) builds the bf16 GPTs of ``megatron_models``
+with ``get_muon_ds_optimizer`` and saves model and optimizer with
+``ChainedOptimizer.sharded_state_dict`` + ``megatron.core.dist_checkpointing.save`` in
+both formats muon_ds supports, then loads them into a freshly built model and optimizer
+as megatron.training does (``load_content_metadata``, ``sharded_state_dict(is_loading=
+True)``, ``dist_checkpointing.load``, ``load_state_dict``).
+
+- Resume identity (TP=2 x DP=2 dense; EP=2 MoE, "fully_reshardable" only; world 4):
+  train K steps, save, train M more; a fresh model and optimizer loaded from the
+  checkpoint then train the same M steps. Same layout, same data, same arithmetic: every
+  main param, optimizer state tensor and model param on every rank is bit-identical to
+  the uninterrupted run's.
+- DP resharding (TP=1): saved at DP=4 (world 4), loaded at DP=2 (world 2). Every
+  parameter's whole fp32 main value, Muon momentum and AdamW moments, gathered from the
+  shards, equal the saved ones exactly; the next step, on the same global batch (two
+  micro-batches per DP=2 rank), matches the uninterrupted DP=4 run's main params within
+  1e-5: Newton-Schulz in fp32, so only summation order differs (gradient reduction over
+  4 vs 2 ranks, the exchange's owners). One step, not more: main params that differ by
+  summation order (about 1e-7) round to bf16 model params one ulp apart in places, and
+  the bf16 forward/backward of the step after turns that into gradients about 0.3% apart
+  (measured, from scratch as after a checkpoint): a comparison of bf16 models, not of
+  the optimizer state.
+- A checkpoint saved by Megatron's own Adam, one without optimizer state, and a format
+  muon_ds cannot hold fail with a clear error on every rank, not a hang.
+
+The "fully_reshardable" saves use Megatron's memory-efficient mode: the other one gathers
+over NCCL (``.cuda()``), which gloo ranks lack.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from muon_ds import MuonConfig
+from tests.dist.zero1 import run_ranks
+from tests.integration import megatron_models as models
+
+pytestmark = pytest.mark.dist
+
+FORMATS = ("dp_reshardable", "fully_reshardable")
+SAVED_AT, MORE = 2, 2  # steps before the checkpoint, steps after it
+AFTER_RESHARDING = 1  # steps compared after loading at another DP size (see above)
+LR, WEIGHT_DECAY = 2e-2, 0.1
+CONFIG = MuonConfig(ns_dtype="float32", lr=LR, weight_decay=WEIGHT_DECAY)
+TOLERANCE = 1e-5
+STATE_KEYS = ("param", "momentum_buffer", "exp_avg", "exp_avg_sq")
+# The dense model's Muon weights (layers stacked in the checkpoint's keys).
+MUON_WEIGHTS = (
+    "linear_qkv.weight",
+    "linear_proj.weight",
+    "linear_fc1.weight",
+    "linear_fc2.weight",
+)
+
+
+def _metadata(sharding: str) -> dict[str, Any]:
+    return {
+        "distrib_optim_sharding_type": sharding,
+        "distrib_optim_fully_reshardable_mem_efficient": True,
+    }
+
+
+def _optimizer_config(optimizer: str = "muon") -> Any:
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer=optimizer,
+        lr=LR,
+        min_lr=LR,
+        weight_decay=WEIGHT_DECAY,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        use_distributed_optimizer=True,
+    )
+
+
+def _build(shape: models.Shape, tp: int, ep: int) -> tuple[Any, Any, Any]:
+    from muon_ds.megatron import get_muon_ds_optimizer
+
+    ddp = models.build(shape, tp, ep)
+    optimizer = get_muon_ds_optimizer(_optimizer_config(), [ddp], CONFIG)
+    return ddp, optimizer, models.constant_schedule(optimizer, LR, WEIGHT_DECAY, SAVED_AT + MORE)
+
+
+def _train(ddp, optimizer, scheduler, steps: range, samples: list[int]) -> None:
+    """``samples``: the DP=4 ranks whose micro-batches this rank takes, one each."""
+    for step in steps:
+        optimizer.zero_grad()
+        _forward_backward(ddp, step, samples)
+        success, _, _ = optimizer.step()
+        assert success
+        scheduler.step(1)
+
+
+def _forward_backward(ddp, step: int, samples: list[int]) -> None:
+    """Micro-batch ``s`` is the one ``models.forward_backward`` gives DP rank ``s``;
+    each loss is divided by their number, as Megatron's schedule does."""
+    positions = torch.arange(models.SEQ).unsqueeze(0).expand(models.BATCH, -1)
+    mask = torch.triu(torch.ones(1, 1, models.SEQ, models.SEQ, dtype=torch.bool), 1)
+    ddp.zero_grad_buffer()
+    for sample in samples:
+        generator = torch.Generator().manual_seed(100 * step + sample)
+        ids = torch.randint(0, models.VOCAB, (models.BATCH, models.SEQ), generator=generator)
+        loss = ddp(ids, positions, mask, labels=ids).float().mean() / len(samples)
+        loss.backward()
+    ddp.finish_grad_sync()
+
+
+def _save(ddp, optimizer, directory: str, sharding: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    state = {"model": ddp.module.sharded_state_dict()}
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_metadata(sharding))
+    dist_checkpointing.save(state, directory, content_metadata=_metadata(sharding))
+
+
+def _load(ddp, optimizer, directory: str, strict: str = "assume_ok_unexpected") -> None:
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_content_metadata(directory)
+    state = {"model": ddp.module.sharded_state_dict()}
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata)
+    loaded = dist_checkpointing.load(state, directory, strict=strict)
+    ddp.module.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+
+
+def _local_tensors(ddp, optimizer) -> list[torch.Tensor]:
+    """This rank's model params, main-param shards and every optimizer state tensor."""
+    tensors = [p.detach().clone() for p in ddp.parameters()]
+    for part in optimizer.chained_optimizers:
+        for group in part.optimizer.param_groups:
+            for shard in group["params"]:
+                state = part.optimizer.state[shard]
+                tensors += [shard.clone(), *(state[k].clone() for k in sorted(state))]
+    return tensors
+
+
+def _gathered(ddp, optimizer) -> dict[str, dict[str, np.ndarray]]:
+    """Each parameter's whole main value and state tensors, summed from the DP shards
+    (TP=1, dense: the DP group is the world); a key is kept where the shards cover it.
+    As numpy arrays: they leave the rank by value, not through shared memory."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_data_parallel_group()
+    result: dict[str, dict[str, np.ndarray]] = {}
+    for name, param in ddp.named_parameters():
+        full = {key: torch.zeros(param.numel() + 1) for key in STATE_KEYS}  # last: coverage
+        for part in optimizer.chained_optimizers:
+            if param not in part.model_param_group_index_map:
+                continue
+            group_index, order = part.model_param_group_index_map[param]
+            shard = part.optimizer.param_groups[group_index]["params"][order]
+            piece = part._get_model_param_range_map(param)["param"]
+            values = {"param": shard, **part.optimizer.state[shard]}
+            for key in STATE_KEYS:
+                if key in values:
+                    full[key][piece.start : piece.end] = values[key]
+                    full[key][-1] += piece.end - piece.start
+        stacked = torch.stack(list(full.values()))
+        dist.all_reduce(stacked, group=group)
+        result[name] = {
+            key: row[:-1].numpy()
+            for key, row in zip(STATE_KEYS, stacked, strict=True)
+            if row[-1] > 0
+        }
+        assert all(row[-1] == param.numel() for row in stacked if row[-1] > 0), name
+    return result
+
+
+def _resume(
+    rank: int,
+    world: int,
+    shape: models.Shape,
+    tp: int,
+    ep: int,
+    root: str,
+    formats: tuple[str, ...],
+    refusals: bool,
+) -> dict:
+    """Resume identity in each of ``formats``, then (``refusals``) the refused checkpoints."""
+    from tests.integration import megatron_shims
+
+    megatron_shims.install()
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    try:
+        samples = [ps.get_data_parallel_rank()]
+        ddp, optimizer, scheduler = _build(shape, tp, ep)
+        _train(ddp, optimizer, scheduler, range(SAVED_AT), samples)
+        for sharding in formats:
+            _save(ddp, optimizer, os.path.join(root, sharding), sharding)
+        _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + MORE), samples)
+        uninterrupted = _local_tensors(ddp, optimizer)
+        identical = {}
+        for sharding in formats:
+            ddp, optimizer, scheduler = _build(shape, tp, ep)
+            _load(ddp, optimizer, os.path.join(root, sharding))
+            _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + MORE), samples)
+            resumed = _local_tensors(ddp, optimizer)
+            identical[sharding] = len(resumed) == len(uninterrupted) and all(
+                torch.equal(a, b) for a, b in zip(resumed, uninterrupted, strict=True)
+            )
+        refused = _refusals(shape, tp, ep, root, samples) if refusals else {}
+        return {"identical": identical, "refusals": refused}
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _refusals(
+    shape: models.Shape, tp: int, ep: int, root: str, samples: list[int]
+) -> dict[str, str]:
+    """The error each bad checkpoint or format raises on this rank."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    errors = {}
+    adam_ddp = models.build(shape, tp, ep)
+    adam = get_megatron_optimizer(_optimizer_config("adam"), [adam_ddp])
+    _forward_backward(adam_ddp, 0, samples)
+    adam.step()
+    _save(adam_ddp, adam, os.path.join(root, "adam"), "dp_reshardable")
+    model_only = {"model": adam_ddp.module.sharded_state_dict()}
+    dist_checkpointing.save(model_only, os.path.join(root, "model_only"))
+    attempts = {
+        "adam": lambda ddp, optimizer: _load(ddp, optimizer, os.path.join(root, "adam")),
+        # megatron.training's --dist-ckpt-strictness raise_unexpected: missing keys named.
+        "model_only": lambda ddp, optimizer: _load(
+            ddp, optimizer, os.path.join(root, "model_only"), strict="raise_unexpected"
+        ),
+        "format": lambda ddp, optimizer: optimizer.sharded_state_dict(
+            {"model": ddp.module.sharded_state_dict()},
+            metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"},
+        ),
+    }
+    ddp, optimizer, _ = _build(shape, tp, ep)  # each attempt must fail: one optimizer serves all
+    for case, attempt in attempts.items():
+        try:
+            attempt(ddp, optimizer)
+            errors[case] = "no error"
+        except Exception as error:  # the message is what the test checks
+            errors[case] = f"{type(error).__name__}: {error}"
+    return errors
+
+
+def _reshard_save(rank: int, world: int, root: str) -> dict:
+    """DP=4: train, save in every format, record the whole state, take the next step."""
+    from tests.integration import megatron_shims
+
+    megatron_shims.install()
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel()
+    try:
+        ddp, optimizer, scheduler = _build(models.DENSE, 1, 1)
+        _train(ddp, optimizer, scheduler, range(SAVED_AT), [rank])
+        for sharding in FORMATS:
+            _save(ddp, optimizer, os.path.join(root, sharding), sharding)
+        saved = _gathered(ddp, optimizer)
+        _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + AFTER_RESHARDING), [rank])
+        return {"saved": saved, "final": _gathered(ddp, optimizer)}
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _reshard_load(rank: int, world: int, root: str) -> dict:
+    """DP=2: load each format, record the whole state, take the next step on the DP=4
+    run's batch."""
+    from tests.integration import megatron_shims
+
+    megatron_shims.install()
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel()
+    try:
+        result = {}
+        for sharding in FORMATS:
+            ddp, optimizer, scheduler = _build(models.DENSE, 1, 1)
+            _load(ddp, optimizer, os.path.join(root, sharding))
+            loaded = _gathered(ddp, optimizer)
+            samples = [2 * rank, 2 * rank + 1]
+            _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + AFTER_RESHARDING), samples)
+            result[sharding] = {"loaded": loaded, "final": _gathered(ddp, optimizer)}
+        return result
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _checkpoint_dirs(tmp_path_factory, name: str) -> str:
+    """One directory per checkpoint (dist_checkpointing.save wants it to exist)."""
+    root = tmp_path_factory.mktemp(name)
+    for checkpoint in (*FORMATS, "adam", "model_only"):
+        (root / checkpoint).mkdir()
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def dense_tp2_dp2(tmp_path_factory) -> list[dict]:
+    root = _checkpoint_dirs(tmp_path_factory, "dense_tp2_dp2")
+    return run_ranks(4, _resume, models.DENSE, 2, 1, root, FORMATS, True)
+
+
+@pytest.fixture(scope="module")
+def moe_ep2(tmp_path_factory) -> list[dict]:
+    root = _checkpoint_dirs(tmp_path_factory, "moe_ep2")
+    # dp_reshardable cannot hold this layout with any optimizer: a rank's shard of a
+    # bucket holds no parameter, which Megatron 0.19.2 asserts against ("empty bucket").
+    return run_ranks(4, _resume, models.MOE, 1, 2, root, ("fully_reshardable",), False)
+
+
+@pytest.fixture(scope="module")
+def dp4_to_dp2(tmp_path_factory) -> tuple[list[dict], list[dict], str]:
+    root = _checkpoint_dirs(tmp_path_factory, "dp4_to_dp2")
+    return run_ranks(4, _reshard_save, root), run_ranks(2, _reshard_load, root), root
+
+
+def _stored_numel(directory: str) -> dict[str, int]:
+    """Elements of every tensor a dist checkpoint holds, by key."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(directory).read_metadata().state_dict_metadata
+    return {key: math.prod(item.size) for key, item in metadata.items() if hasattr(item, "size")}
+
+
+def test_resume_from_checkpoint_is_bit_identical_to_uninterrupted_run(
+    dense_tp2_dp2, moe_ep2
+) -> None:
+    for result in dense_tp2_dp2:
+        assert result["identical"] == {sharding: True for sharding in FORMATS}
+    for result in moe_ep2:
+        assert result["identical"] == {"fully_reshardable": True}
+
+
+def test_state_saved_at_dp4_loads_whole_and_exact_at_dp2(dp4_to_dp2) -> None:
+    saved_ranks, loaded_ranks, _ = dp4_to_dp2
+    saved = saved_ranks[0]["saved"]
+    # Muon params hold momentum, AdamW params both moments; every param its main value.
+    assert {frozenset(keys) for keys in saved.values()} == {
+        frozenset({"param", "momentum_buffer"}),
+        frozenset({"param", "exp_avg", "exp_avg_sq"}),
+    }
+    for result in loaded_ranks:
+        for sharding in FORMATS:
+            loaded = result[sharding]["loaded"]
+            assert loaded.keys() == saved.keys()
+            for name, tensors in saved.items():
+                assert loaded[name].keys() == tensors.keys(), (sharding, name)
+                for key, value in tensors.items():
+                    assert np.array_equal(loaded[name][key], value), (sharding, name, key)
+
+
+def test_step_after_dp_resharding_matches_the_uninterrupted_dp4_run(dp4_to_dp2) -> None:
+    saved_ranks, loaded_ranks, _ = dp4_to_dp2
+    expected = saved_ranks[0]["final"]
+    for result in loaded_ranks:
+        for sharding in FORMATS:
+            final = result[sharding]["final"]
+            for name, tensors in expected.items():
+                error = np.abs(final[name]["param"] - tensors["param"]).max()
+                assert error <= TOLERANCE, (sharding, name, error)
+                moved = np.abs(tensors["param"] - saved_ranks[0]["saved"][name]["param"]).max()
+                assert moved > 100 * TOLERANCE, (name, "the step after loading must move it")
+
+
+def test_checkpoint_of_another_optimizer_fails_clearly_on_every_rank(dense_tp2_dp2) -> None:
+    for result in dense_tp2_dp2:
+        error = result["refusals"]["adam"]
+        assert error.startswith("ValueError: muon_ds: the checkpoint has no param group"), error
+        assert "saved by another optimizer" in error
+
+
+def test_checkpoint_without_optimizer_state_fails_clearly_on_every_rank(dense_tp2_dp2) -> None:
+    for result in dense_tp2_dp2:
+        error = result["refusals"]["model_only"]
+        assert "not found in the checkpoint" in error, error
+        assert "optimizer" in error, error
+
+
+def test_format_muon_ds_cannot_hold_is_refused_naming_the_allowed_ones(dense_tp2_dp2) -> None:
+    for result in dense_tp2_dp2:
+        assert result["refusals"]["format"] == (
+            "ValueError: muon_ds: distributed-optimizer checkpoint format "
+            "'fully_sharded_model_space' is not supported; allowed: dp_reshardable, "
+            "fully_reshardable"
+        )
+
+
+def test_only_dp_reshardable_writes_zeros_in_place_of_muon_second_moments(dp4_to_dp2) -> None:
+    """fully_reshardable: ``exp_avg`` (Muon's momentum or Adam's first moment) for every
+    parameter, ``exp_avg_sq`` for AdamW ones only. dp_reshardable: a bucket's
+    ``exp_avg_sq`` must cover it whole, so it is exactly as large as its ``exp_avg``."""
+    _, _, root = dp4_to_dp2
+    stored = _stored_numel(os.path.join(root, "fully_reshardable"))
+    prefix = "optimizer.state.param."
+    params = {k.removeprefix(prefix): n for k, n in stored.items() if k.startswith(prefix)}
+    muon = {key for key in params if key.endswith(MUON_WEIGHTS)}
+    assert len(muon) == len(MUON_WEIGHTS)
+    assert len(params) > len(muon)
+    for key, numel in params.items():
+        assert stored[f"optimizer.state.exp_avg.{key}"] == numel, key
+        second = stored.get(f"optimizer.state.exp_avg_sq.{key}")
+        assert second == (None if key in muon else numel), key
+    buckets = _stored_numel(os.path.join(root, "dp_reshardable"))
+    first = {k: n for k, n in buckets.items() if k.endswith(".exp_avg")}
+    second = {k.removesuffix("_sq"): n for k, n in buckets.items() if k.endswith(".exp_avg_sq")}
+    assert first
+    assert first == second
