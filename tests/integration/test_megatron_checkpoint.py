@@ -1,9 +1,10 @@
 """Megatron dist-checkpoint save/load of muon_ds, through Megatron's own machinery.
 
-Each scenario (one spawn of real gloo ranks) builds the bf16 GPTs of ``megatron_models``
-with ``get_muon_ds_optimizer`` and saves model and optimizer with
+Real gloo ranks (one spawn of 4 for every world-4 scenario, each under its own Megatron
+groups, and one of 2) build the bf16 GPTs of ``megatron_models`` with
+``get_muon_ds_optimizer`` and save model and optimizer with
 ``ChainedOptimizer.sharded_state_dict`` + ``megatron.core.dist_checkpointing.save`` in
-both formats muon_ds supports, then loads them into a freshly built model and optimizer
+both formats muon_ds supports, then load them into a freshly built model and optimizer
 as megatron.training does (``load_content_metadata``, ``sharded_state_dict(is_loading=
 True)``, ``dist_checkpointing.load``, ``load_state_dict``).
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -178,43 +180,29 @@ def _gathered(ddp, optimizer) -> dict[str, dict[str, np.ndarray]]:
 
 
 def _resume(
-    rank: int,
-    world: int,
-    shape: models.Shape,
-    tp: int,
-    ep: int,
-    root: str,
-    formats: tuple[str, ...],
-    refusals: bool,
+    shape: models.Shape, tp: int, ep: int, root: str, formats: tuple[str, ...], refusals: bool
 ) -> dict:
     """Resume identity in each of ``formats``, then (``refusals``) the refused checkpoints."""
-    from tests.integration import megatron_shims
-
-    megatron_shims.install()
     from megatron.core import parallel_state as ps
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
-    try:
-        samples = [ps.get_data_parallel_rank()]
+    samples = [ps.get_data_parallel_rank()]
+    ddp, optimizer, scheduler = _build(shape, tp, ep)
+    _train(ddp, optimizer, scheduler, range(SAVED_AT), samples)
+    for sharding in formats:
+        _save(ddp, optimizer, os.path.join(root, sharding), sharding)
+    _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + MORE), samples)
+    uninterrupted = _local_tensors(ddp, optimizer)
+    identical = {}
+    for sharding in formats:
         ddp, optimizer, scheduler = _build(shape, tp, ep)
-        _train(ddp, optimizer, scheduler, range(SAVED_AT), samples)
-        for sharding in formats:
-            _save(ddp, optimizer, os.path.join(root, sharding), sharding)
+        _load(ddp, optimizer, os.path.join(root, sharding))
         _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + MORE), samples)
-        uninterrupted = _local_tensors(ddp, optimizer)
-        identical = {}
-        for sharding in formats:
-            ddp, optimizer, scheduler = _build(shape, tp, ep)
-            _load(ddp, optimizer, os.path.join(root, sharding))
-            _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + MORE), samples)
-            resumed = _local_tensors(ddp, optimizer)
-            identical[sharding] = len(resumed) == len(uninterrupted) and all(
-                torch.equal(a, b) for a, b in zip(resumed, uninterrupted, strict=True)
-            )
-        refused = _refusals(shape, tp, ep, root, samples) if refusals else {}
-        return {"identical": identical, "refusals": refused}
-    finally:
-        ps.destroy_model_parallel()
+        resumed = _local_tensors(ddp, optimizer)
+        identical[sharding] = len(resumed) == len(uninterrupted) and all(
+            torch.equal(a, b) for a, b in zip(resumed, uninterrupted, strict=True)
+        )
+    refused = _refusals(shape, tp, ep, root, samples) if refusals else {}
+    return {"identical": identical, "refusals": refused}
 
 
 def _refusals(
@@ -253,75 +241,88 @@ def _refusals(
     return errors
 
 
-def _reshard_save(rank: int, world: int, root: str) -> dict:
+def _reshard_save(rank: int, root: str) -> dict:
     """DP=4: train, save in every format, record the whole state, take the next step."""
-    from tests.integration import megatron_shims
-
-    megatron_shims.install()
-    from megatron.core import parallel_state as ps
-
-    ps.initialize_model_parallel()
-    try:
-        ddp, optimizer, scheduler = _build(models.DENSE, 1, 1)
-        _train(ddp, optimizer, scheduler, range(SAVED_AT), [rank])
-        for sharding in FORMATS:
-            _save(ddp, optimizer, os.path.join(root, sharding), sharding)
-        saved = _gathered(ddp, optimizer)
-        _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + AFTER_RESHARDING), [rank])
-        return {"saved": saved, "final": _gathered(ddp, optimizer)}
-    finally:
-        ps.destroy_model_parallel()
+    ddp, optimizer, scheduler = _build(models.DENSE, 1, 1)
+    _train(ddp, optimizer, scheduler, range(SAVED_AT), [rank])
+    for sharding in FORMATS:
+        _save(ddp, optimizer, os.path.join(root, sharding), sharding)
+    saved = _gathered(ddp, optimizer)
+    _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + AFTER_RESHARDING), [rank])
+    return {"saved": saved, "final": _gathered(ddp, optimizer)}
 
 
-def _reshard_load(rank: int, world: int, root: str) -> dict:
+def _reshard_load(rank: int, root: str) -> dict:
     """DP=2: load each format, record the whole state, take the next step on the DP=4
     run's batch."""
-    from tests.integration import megatron_shims
+    result = {}
+    for sharding in FORMATS:
+        ddp, optimizer, scheduler = _build(models.DENSE, 1, 1)
+        _load(ddp, optimizer, os.path.join(root, sharding))
+        loaded = _gathered(ddp, optimizer)
+        samples = [2 * rank, 2 * rank + 1]
+        _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + AFTER_RESHARDING), samples)
+        result[sharding] = {"loaded": loaded, "final": _gathered(ddp, optimizer)}
+    return result
 
-    megatron_shims.install()
+
+def _in_groups(tp: int, ep: int, scenario: Callable[..., dict], *args: Any) -> dict:
+    """``scenario(*args)`` under Megatron's parallel groups for TP ``tp`` and EP ``ep``."""
     from megatron.core import parallel_state as ps
 
-    ps.initialize_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     try:
-        result = {}
-        for sharding in FORMATS:
-            ddp, optimizer, scheduler = _build(models.DENSE, 1, 1)
-            _load(ddp, optimizer, os.path.join(root, sharding))
-            loaded = _gathered(ddp, optimizer)
-            samples = [2 * rank, 2 * rank + 1]
-            _train(ddp, optimizer, scheduler, range(SAVED_AT, SAVED_AT + AFTER_RESHARDING), samples)
-            result[sharding] = {"loaded": loaded, "final": _gathered(ddp, optimizer)}
-        return result
+        return scenario(*args)
     finally:
         ps.destroy_model_parallel()
 
 
-def _checkpoint_dirs(tmp_path_factory, name: str) -> str:
-    """One directory per checkpoint (dist_checkpointing.save wants it to exist)."""
-    root = tmp_path_factory.mktemp(name)
-    for checkpoint in (*FORMATS, "adam", "model_only"):
-        (root / checkpoint).mkdir()
-    return str(root)
+def _world4(rank: int, world: int, root: str) -> dict:
+    """Every world-4 scenario in one spawn, each with its own parallel groups."""
+    from tests.integration import megatron_shims
+
+    megatron_shims.install()
+    dense, moe = os.path.join(root, "dense"), os.path.join(root, "moe")
+    return {
+        "dense": _in_groups(2, 1, _resume, models.DENSE, 2, 1, dense, FORMATS, True),
+        # dp_reshardable cannot hold this layout with any optimizer: a rank's shard of a
+        # bucket holds no parameter, which Megatron 0.19.2 asserts against ("empty bucket").
+        "moe": _in_groups(1, 2, _resume, models.MOE, 1, 2, moe, ("fully_reshardable",), False),
+        "dp4": _in_groups(1, 1, _reshard_save, rank, os.path.join(root, "dp4")),
+    }
+
+
+def _world2(rank: int, world: int, root: str) -> dict:
+    from tests.integration import megatron_shims
+
+    megatron_shims.install()
+    return _in_groups(1, 1, _reshard_load, rank, os.path.join(root, "dp4"))
 
 
 @pytest.fixture(scope="module")
-def dense_tp2_dp2(tmp_path_factory) -> list[dict]:
-    root = _checkpoint_dirs(tmp_path_factory, "dense_tp2_dp2")
-    return run_ranks(4, _resume, models.DENSE, 2, 1, root, FORMATS, True)
+def world4(tmp_path_factory) -> tuple[list[dict], str]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    for scenario in ("dense", "moe", "dp4"):  # dist_checkpointing.save wants them to exist
+        for checkpoint in (*FORMATS, "adam", "model_only"):
+            (root / scenario / checkpoint).mkdir(parents=True)
+    return run_ranks(4, _world4, str(root), timeout=900.0), str(root)
 
 
 @pytest.fixture(scope="module")
-def moe_ep2(tmp_path_factory) -> list[dict]:
-    root = _checkpoint_dirs(tmp_path_factory, "moe_ep2")
-    # dp_reshardable cannot hold this layout with any optimizer: a rank's shard of a
-    # bucket holds no parameter, which Megatron 0.19.2 asserts against ("empty bucket").
-    return run_ranks(4, _resume, models.MOE, 1, 2, root, ("fully_reshardable",), False)
+def dense_tp2_dp2(world4) -> list[dict]:
+    return [result["dense"] for result in world4[0]]
 
 
 @pytest.fixture(scope="module")
-def dp4_to_dp2(tmp_path_factory) -> tuple[list[dict], list[dict], str]:
-    root = _checkpoint_dirs(tmp_path_factory, "dp4_to_dp2")
-    return run_ranks(4, _reshard_save, root), run_ranks(2, _reshard_load, root), root
+def moe_ep2(world4) -> list[dict]:
+    return [result["moe"] for result in world4[0]]
+
+
+@pytest.fixture(scope="module")
+def dp4_to_dp2(world4) -> tuple[list[dict], list[dict], str]:
+    results, root = world4
+    saved = [result["dp4"] for result in results]
+    return saved, run_ranks(2, _world2, root), os.path.join(root, "dp4")
 
 
 def _stored_numel(directory: str) -> dict[str, int]:
