@@ -155,7 +155,9 @@ class MuonDistributedOptimizer(DistributedOptimizer):
     # ``exp_avg_sq`` a stand-in: a zero-stride zero when saving, scratch when loading,
     # never kept. "fully_reshardable" drops the stand-in (no zeros written); a
     # "dp_reshardable" bucket must be covered whole, so there Muon's part of it is written
-    # as zeros, the bytes Megatron's Adam writes. Megatron's ``state_dict`` and
+    # as zeros, the bytes Megatron's Adam writes ("dp_reshardable" also refuses, whatever
+    # the optimizer, a layout where a rank's shard of a bucket holds no parameter: "empty
+    # bucket encountered"; the EP=2 MoE test model is one). Megatron's ``state_dict`` and
     # ``load_state_dict`` assume Adam's step (torch: in every shard's state; TE/apex: in
     # the group) and tell groups apart by lr/wd settings alone, while each Megatron group
     # here is a Muon and an AdamW half: those two are ours.
@@ -230,8 +232,9 @@ class MuonDistributedOptimizer(DistributedOptimizer):
     def _set_main_param_and_optimizer_states(
         self, model_param: torch.nn.Parameter, tensors: Mapping[str, torch.Tensor]
     ) -> None:
-        """Copy a loaded main-param shard and its state into place (``step`` comes from the
-        groups); a state tensor the checkpoint lacks is an error naming the parameter."""
+        """Copy a loaded main-param shard and its state into place; a Muon shard takes
+        ``exp_avg`` as its momentum and ignores the stand-in, ``step`` comes from the
+        groups (``load_state_dict``)."""
         group_index, group_order = self.model_param_group_index_map[model_param]
         shard = self.optimizer.param_groups[group_index]["params"][group_order]
         state = self.optimizer.state[shard]
@@ -240,12 +243,6 @@ class MuonDistributedOptimizer(DistributedOptimizer):
             targets["exp_avg"] = state[MOMENTUM]
         else:
             targets.update({k: state[k] for k in ("exp_avg", "exp_avg_sq")})
-        missing = sorted(targets.keys() - tensors.keys())
-        if missing:
-            raise ValueError(
-                f"muon_ds: the checkpoint lacks {missing} of parameter "
-                f"{self._param_name(model_param)!r}; it holds {sorted(tensors)}"
-            )
         for key, target in targets.items():
             target.copy_(tensors[key])
 
