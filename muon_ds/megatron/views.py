@@ -37,6 +37,10 @@ DENSE, DENSE_TP, EXPERT = "dense", "dense_tp", "expert"
 expert-DP (expert params)."""
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+_TE_GROUPED_EXPERT = re.compile(r"\.experts\.(linear_fc[12])\.weight(\d+)$")
+"""TEGroupedMLP (``--moe-grouped-gemm`` with Transformer Engine) keeps one weight per
+expert, ``experts.linear_fc1.weight{i}``: the same matrix as SequentialMLP's."""
+_LEGACY_GROUPED_EXPERT = re.compile(r"\.experts\.weight[12]$")
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,18 @@ def megatron_route(name: str, param: torch.Tensor, config: MuonConfig) -> Route:
 
 
 def global_name(name: str, layout: ModelLayout) -> str:
-    """``experts.local_experts.{i}`` becomes ``experts.{global id}``: EP ranks never collide."""
+    """An expert's weight becomes ``experts.{global id}.linear_fc{1,2}.weight``, whether
+    SequentialMLP (``local_experts.{i}``) or TEGroupedMLP (``weight{i}``) holds it: EP
+    ranks never collide, and both implementations give one matrix per expert."""
     match = _LOCAL_EXPERT.search(name)
-    if match is None:
-        return name
-    expert = layout.ep_rank * layout.local_experts + int(match.group(1))
-    return f"{name[: match.start()]}.{expert}.{name[match.end() :]}"
+    if match is not None:
+        expert = layout.ep_rank * layout.local_experts + int(match.group(1))
+        return f"{name[: match.start()]}.{expert}.{name[match.end() :]}"
+    match = _TE_GROUPED_EXPERT.search(name)
+    if match is not None:
+        expert = layout.ep_rank * layout.local_experts + int(match.group(2))
+        return f"{name[: match.start()]}.experts.{expert}.{match.group(1)}.weight"
+    return name
 
 
 def is_expert(param: torch.Tensor) -> bool:
@@ -146,6 +156,7 @@ def shard_views(
         for model_param in models:
             if group["algorithm"] == "muon":
                 name = global_name(names[model_param], layout)
+                _refuse_unsplittable(name, model_param)
                 tp = tensor_parallel(model_param, layout)
                 start, end = param_ranges[model_param]
                 if is_expert(model_param):
@@ -182,6 +193,22 @@ def shard_views(
                 )
             buffer += 1
     return views
+
+
+def _refuse_unsplittable(name: str, param: torch.Tensor) -> None:
+    """Layouts whose logical matrices these views cannot cut out: never train them wrong."""
+    if _LEGACY_GROUPED_EXPERT.search(name):
+        raise NotImplementedError(
+            f"{name}: legacy GroupedMLP weights (all local experts in one tensor) are not "
+            "supported; use --moe-grouped-gemm with Transformer Engine (TEGroupedMLP, one "
+            "weight per expert) or SequentialMLP"
+        )
+    if param.ndim > 2:
+        raise NotImplementedError(
+            f"{name}: a {param.ndim}-D weight {tuple(param.shape)} is routed to Muon, but "
+            "muon_ds does not know which matrices it holds; route it to AdamW with "
+            "muon_ds.set_route(param, 'adamw') or an adamw pattern"
+        )
 
 
 __all__ = [

@@ -120,6 +120,30 @@ def test_exchange_group_follows_tp_split_and_expert_parallelism() -> None:
     assert global_name(expert, _layout()) == renamed.name
 
 
+def test_te_grouped_experts_are_one_matrix_each_with_gate_and_up_apart() -> None:
+    """TEGroupedMLP's ``weight{i}`` names the same matrices SequentialMLP does."""
+    fc1 = "decoder.layers.0.mlp.experts.linear_fc1.weight2"
+    fc2 = "decoder.layers.0.mlp.experts.linear_fc2.weight0"
+    views = _views(
+        {fc1: _param((16, HIDDEN), allreduce=False), fc2: _param((HIDDEN, 8), allreduce=False)},
+        _layout(),
+    )
+    # EP rank 1 with 3 local experts: local experts 2 and 0 are global experts 5 and 3.
+    gated = views["decoder.layers.0.mlp.experts.5.linear_fc1.weight"]
+    assert gated.blocks == (RowBlock(0, 0, 8), RowBlock(1, 8, 16))
+    assert gated.group == EXPERT
+    assert views["decoder.layers.0.mlp.experts.3.linear_fc2.weight"].blocks == ()
+
+
+def test_weights_whose_matrices_cannot_be_cut_out_are_refused() -> None:
+    legacy = {"decoder.layers.0.mlp.experts.weight1": _param((HIDDEN, 48), allreduce=False)}
+    with pytest.raises(NotImplementedError, match="legacy GroupedMLP"):
+        _views(legacy, _layout())
+    grouped_3d = {"decoder.layers.0.mlp.experts.fc1": _param((3, 16, HIDDEN), allreduce=False)}
+    with pytest.raises(NotImplementedError, match=r"3-D weight \(3, 16, 16\).*route it to AdamW"):
+        _views(grouped_3d, _layout())
+
+
 def test_expert_tensor_parallelism_is_refused() -> None:
     layout = ModelLayout(**{**_layout().__dict__, "expert_tp": TensorParallel(0, 2)})
     expert = _param((HIDDEN, 8), tensor_model_parallel=True, partition_dim=1, allreduce=False)
