@@ -301,6 +301,19 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.data_parallel_group)
         return max(step.item(), 0.0)
 
+    def start_param_sync_for_bucket_group_subset(self) -> None:
+        """All-gather the parameters of this optimizer's own buffers, once.
+
+        Megatron 0.19.2's version walks every bucket group of the model, dense and
+        expert alike, so with MoE each of the two chained distributed optimizers gathers
+        every parameter and each one travels twice per step (its Adam does the same).
+        """
+        own = {id(bucket) for buffer in self.buffers for bucket in buffer.buckets}
+        for chunk in self.model_chunks:
+            for bucket_group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
+                if any(id(bucket) in own for bucket in bucket_group.buckets):
+                    chunk._start_bucket_group_param_sync(bucket_group, force_sync=False)
+
     @torch.no_grad()
     def prepare_grads(self) -> bool:
         """Megatron's grad copy, then True (skip) if any rank holds a non-finite grad.

@@ -75,6 +75,7 @@ def _train(
         else:
             optimizer = get_muon_ds_optimizer(optimizer_config, [ddp], CONFIG)
         scheduler = models.constant_schedule(optimizer, LR, WEIGHT_DECAY, STEPS)
+        param_syncs = _count_param_syncs(ddp)
         reference, ref_params = _reference(models.logical(ddp, lambda p: p))
         norms = []
         for step in range(STEPS):
@@ -90,10 +91,25 @@ def _train(
             reference.step()
             norms.append((success, grad_norm, ref_norm))
         report = _report(ddp, optimizer, reference, ref_params, norms)
+        report["param_syncs"] = sorted(param_syncs.values())
+        report["bucket_groups"] = len(ddp.bucket_groups + ddp.expert_parallel_bucket_groups)
         report["non_finite_step"] = _non_finite_step(ddp, optimizer, rank)
         return report
     finally:
         ps.destroy_model_parallel()
+
+
+def _count_param_syncs(ddp) -> dict[int, int]:
+    """Parameter all-gathers started per DDP bucket group (dense and expert)."""
+    counts: dict[int, int] = {}
+    start = ddp._start_bucket_group_param_sync
+
+    def counted(bucket_group, force_sync: bool) -> None:
+        counts[id(bucket_group)] = counts.get(id(bucket_group), 0) + 1
+        start(bucket_group, force_sync)
+
+    ddp._start_bucket_group_param_sync = counted
+    return counts
 
 
 def _report(ddp, optimizer, reference, ref_params, norms) -> dict[str, Any]:
@@ -237,6 +253,14 @@ def test_newton_schulz_runs_once_per_logical_matrix(dense_tp2_dp2, moe_ep2) -> N
     ):
         assert results[0]["reference_matrices"] == matrices
         assert sum(r["ns_matrices"] for r in results) == matrices * STEPS
+
+
+def test_each_bucket_group_gathers_its_parameters_once_per_step(dense_tp2_dp2, moe_ep2) -> None:
+    """With MoE the dense and the expert optimizer each gather only their own buckets."""
+    for results in (dense_tp2_dp2, moe_ep2):
+        for result in results:
+            assert result["param_syncs"] == [STEPS] * result["bucket_groups"]
+    assert all(r["bucket_groups"] >= 2 for r in moe_ep2)  # dense and expert buckets
 
 
 def test_exchange_bytes_equal_plan_prediction(dense_tp2_dp2, moe_ep2) -> None:
