@@ -227,7 +227,7 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
             "DeepSpeed's Muon: momentum + NS of every matrix a rank holds any part of, run in "
             "backward (ZeRO get_flat_partition); NS 'standard' quintic, bf16, "
             f"{compiled}; scale sqrt(max(1,rows/cols)); state_bytes leaves out its "
-            f"momentum staging copy ({staging} B)."
+            "momentum staging copy (momentum_staging_bytes)."
         ),
         "muon_ds_deepspeed": "MuonDS: Moonlight's Muon, bf16 NS once per matrix by its owner.",
     }[contender]
@@ -250,6 +250,7 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
         "optimizer_step_seconds_each": step_times,
         "iteration_seconds_each": iteration_times,
         "state_bytes": _state_bytes(engine.basic_optimizer),
+        "momentum_staging_bytes": staging,
         "param_count": sum(p.numel() for p in engine.module.parameters()),
         "final_loss": final_loss.item() / world,
         "notes": notes + " Optimizer time = engine.step() + ZeRO get_flat_partition in backward; "
