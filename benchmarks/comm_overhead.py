@@ -445,7 +445,7 @@ def parse_args(argv: list[str] | None, known: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=RunOptions.warmup)
     parser.add_argument("--dtype", default=RunOptions.dtype, choices=("fp32", "bf16"))
     parser.add_argument(
-        "--full-size", action="store_true", help="full-size shapes (for GPUs; untested here)"
+        "--full-size", action="store_true", help="full-size shapes (GPUs only; never run here)"
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--out", type=Path, default=Path("out/comm_overhead"))
@@ -453,6 +453,8 @@ def parse_args(argv: list[str] | None, known: list[str]) -> argparse.Namespace:
     unknown = sorted(set(args.contenders) - set(known))
     if unknown:
         parser.error(f"unknown contender(s) {unknown}; available: {known}")
+    if args.full_size and not torch.cuda.is_available():
+        parser.error("--full-size needs CUDA GPUs: the full-size models do not fit a CPU run")
     if any(world < 1 for world in args.worlds):
         parser.error(f"--worlds {args.worlds}: every world size must be >= 1")
     return args
