@@ -7,6 +7,7 @@ not that op, so ``use_gloo_only`` makes DeepSpeed's backend use plain gloo colle
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -23,9 +24,10 @@ def use_gloo_only(rank: int, world: int) -> None:
         LOCAL_WORLD_SIZE=str(world),
     )
     import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
 
-    ds_torch_comm.build_shm_op = lambda: None
+    # Not `import deepspeed.comm.torch as m`: that binds deepspeed.comm's attribute
+    # `torch`, the torch package (deepspeed.comm re-exports it), and patches nothing.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
 
 
