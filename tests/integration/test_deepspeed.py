@@ -262,6 +262,29 @@ def _record_gradients(engine: Any) -> list[dict[str, torch.Tensor]]:
     return steps
 
 
+def _replay_errors(
+    engine: Any, masters: dict[str, torch.Tensor], recorded: list[dict[str, torch.Tensor]]
+) -> dict[str, float]:
+    """Max error of each fp32 master against Muon replayed from ``masters`` on ``recorded``."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    torch.manual_seed(0)
+    reference = TinyLM()
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            p.copy_(masters[n])
+    optimizer = Muon(reference, MuonConfig.from_dict(MUON_PARAMS))
+    for grads in recorded:
+        for n, p in reference.named_parameters():
+            p.grad = grads[n]
+        optimizer.step()
+    expected = dict(reference.named_parameters())
+    return {
+        n: (safe_get_full_fp32_param(p) - expected[n]).abs().max().item()
+        for n, p in engine.module.named_parameters()
+    }
+
+
 def _precision_cases(rank: int, world: int) -> dict[str, Any]:
     """bf16 runs checked against Muon replayed on DeepSpeed's own gradients and masters."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -280,23 +303,9 @@ def _precision_cases(rank: int, world: int) -> dict[str, Any]:
         masters = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
         recorded = _record_gradients(engine)
         _train(engine, rank, 1, range(STEPS))
-        torch.manual_seed(0)
-        reference = TinyLM()
-        with torch.no_grad():
-            for n, p in reference.named_parameters():
-                p.copy_(masters[n])
-        optimizer = Muon(reference, MuonConfig.from_dict(MUON_PARAMS))
-        for grads in recorded:
-            for n, p in reference.named_parameters():
-                p.grad = grads[n]
-            optimizer.step()
-        expected = dict(reference.named_parameters())
         results[name] = {
             "steps_recorded": len(recorded),
-            "errors": {
-                n: (safe_get_full_fp32_param(p) - expected[n]).abs().max().item()
-                for n, p in engine.module.named_parameters()
-            },
+            "errors": _replay_errors(engine, masters, recorded),
             "wrapper": type(engine.optimizer).__name__,
         }
 
@@ -378,26 +387,12 @@ def _fp16_dynamic_loss_scale(rank: int) -> dict[str, Any]:
     initial_scale = engine.optimizer.cur_scale
     recorded = _record_gradients(engine)
     _train(engine, rank, 1, range(FP16_STEPS))
-    torch.manual_seed(0)
-    reference = TinyLM()
-    with torch.no_grad():
-        for n, p in reference.named_parameters():
-            p.copy_(masters[n])
-    optimizer = Muon(reference, MuonConfig.from_dict(MUON_PARAMS))
-    for grads in recorded:
-        for n, p in reference.named_parameters():
-            p.grad = grads[n]
-        optimizer.step()
-    expected = dict(reference.named_parameters())
     return {
         "wrapper": type(engine.optimizer).__name__,
         "steps_recorded": len(recorded),
         "skipped": engine.skipped_steps,
         "scale_lowered": engine.optimizer.cur_scale < initial_scale,
-        "errors": {
-            n: (safe_get_full_fp32_param(p) - expected[n]).abs().max().item()
-            for n, p in engine.module.named_parameters()
-        },
+        "errors": _replay_errors(engine, masters, recorded),
     }
 
 
