@@ -488,6 +488,7 @@ def _versus_deepspeed_muon(rank: int, world: int) -> dict[str, Any]:
                     "weight_decay": 0.0,
                     "momentum": 0.95,
                     "ns_method": "standard",
+                    "torch_adam": True,  # DeepSpeed's FusedAdam would JIT-build
                 },
             }
         )
@@ -564,8 +565,12 @@ def _bytes_versus_deepspeed_muon(rank: int, world: int) -> dict[str, Any]:
     counter = collectives.install()  # before DeepSpeed caches its collective functions
     use_gloo_only(rank, world)
     contenders = {
-        "adamw": {"type": "AdamW", "params": {"lr": 1e-3}},
-        "deepspeed_muon": {"type": "Muon", "params": {"lr": 0.02, "ns_method": "standard"}},
+        # torch's Adam(W): DeepSpeed's default FusedAdam would JIT-build on a fresh machine.
+        "adamw": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "deepspeed_muon": {
+            "type": "Muon",
+            "params": {"lr": 0.02, "ns_method": "standard", "torch_adam": True},
+        },
         "muon_ds": {"type": "MuonDS", "params": MUON_PARAMS},
     }
     results: dict[str, Any] = {}
