@@ -71,7 +71,6 @@ MOONLIGHT_MEGATRON_MUON = {
 """Megatron's Muon flags that reproduce Moonlight's rule ("medium" = bf16 Newton-Schulz)."""
 
 _LAYOUT_PART = re.compile(r"(TP|EP|DP)=(\d+)")
-_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 def parallel_sizes(layout: str, world: int) -> tuple[int, int]:
@@ -271,32 +270,25 @@ def _state_bytes(optimizer: Any) -> int:
     )
 
 
-def _global_name(name: str, experts_per_rank: int) -> str:
-    """``local_experts.{i}`` of this EP rank named by its global expert id."""
-    from megatron.core import parallel_state as ps
-
-    match = _LOCAL_EXPERT.search(name)
-    if match is None:
-        return name
-    expert = ps.get_expert_model_parallel_rank() * experts_per_rank + int(match.group(1))
-    return f"{name[: match.start()]}.local_experts.{expert}.{name[match.end() :]}"
-
-
 def _distinct_over_ranks(keys: set[str]) -> int:
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted(keys))
     return len(set().union(*everyone))
 
 
-def _megatron_muon_matrices(optimizer: Any, ddp: Any, experts_per_rank: int) -> int:
+def _megatron_muon_matrices(optimizer: Any, ddp: Any) -> int:
     """Distinct matrices Megatron's Muon orthogonalises (Q, K, V apart when it splits QKV)."""
     from megatron.core.optimizer.layer_wise_optimizer import is_managed_by_layer_wise_optimizer
 
+    from muon_ds.megatron.optimizer import model_layout
+    from muon_ds.megatron.views import global_name
+
+    layout = model_layout([ddp], "qkv")  # only its EP coordinates name the experts
     keys = set()
     for name, param in ddp.named_parameters():
         if not is_managed_by_layer_wise_optimizer(param):
             continue
-        name = _global_name(name, experts_per_rank)
+        name = global_name(name, layout)
         split = optimizer.config.muon_split_qkv and getattr(param, "is_qkv", False)
         keys.update([f"{name}:{part}" for part in "qkv"] if split else [name])
     return _distinct_over_ranks(keys)
@@ -310,21 +302,7 @@ def _muon_ds_parts(optimizer: Any) -> list[Any]:
 
 def _muon_ds_plan_bytes(optimizer: Any) -> int:
     """The plans' predicted bytes this rank sends per step in muon_ds's exchanges."""
-    from megatron.core import parallel_state as ps
-
-    from muon_ds.megatron.views import DENSE, DENSE_TP, EXPERT
-
-    groups = {
-        DENSE: ps.get_data_parallel_group(with_context_parallel=True),
-        DENSE_TP: ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
-        EXPERT: ps.get_expert_data_parallel_group(),
-    }
-    total = 0
-    for part in _muon_ds_parts(optimizer):
-        wire = torch.finfo(getattr(torch, part.config.ns_dtype)).bits // 8
-        for name, plan in part.plans.items():
-            total += plan.bytes_sent(dist.get_rank(groups[name]), wire)
-    return total
+    return sum(sum(part.core.planned_bytes().values()) for part in _muon_ds_parts(optimizer))
 
 
 def _muon_ds_matrices(optimizer: Any) -> int:
@@ -477,12 +455,7 @@ def _train(
                 collectives=counter.snapshot(),
                 ns_matrices=ns_matrices + sum(part.ns_matrices for part in muon_ds),
                 ns_flops=ns_flops + sum(part.ns_flops for part in muon_ds),
-                muon_ds_exchange_bytes=sum(
-                    n
-                    for part in muon_ds
-                    for (op, _), n in part.bytes_sent.items()
-                    if op.startswith("muon_")
-                ),
+                muon_ds_exchange_bytes=sum(part.exchange_bytes() for part in muon_ds),
                 optimizer_seconds=finished - step_started,
                 iteration_seconds=finished - started,
             )
@@ -500,8 +473,6 @@ def _result(
     optimizer: Any,
     steps: list[_Step],
 ) -> dict[str, Any]:
-    from megatron.core import parallel_state as ps
-
     first = steps[0]
     result: dict[str, Any] = {
         "contender": contender,
@@ -529,8 +500,7 @@ def _result(
         result["plan_exchange_bytes_per_step"] = _muon_ds_plan_bytes(optimizer)
         result["notes"] += "; NS counted by muon_ds's CommCounter"
     elif contender.startswith("megatron_muon"):
-        experts_per_rank = shape.experts // ps.get_expert_model_parallel_world_size()
-        result["logical_matrices"] = _megatron_muon_matrices(optimizer, ddp, experts_per_rank)
+        result["logical_matrices"] = _megatron_muon_matrices(optimizer, ddp)
         result["notes"] += "; NS counted at emerging-optimizers' newton_schulz"
     return result
 

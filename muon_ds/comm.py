@@ -36,8 +36,9 @@ class CommCounter:
         self.bytes_sent[(op, group)] += nbytes
         self.calls[(op, group)] += 1
 
-    def total_bytes(self, group: str | None = None) -> int:
-        return sum(n for (_, g), n in self.bytes_sent.items() if group in (None, g))
+    def exchange_bytes(self) -> int:
+        """Bytes of the matrix exchange (gathers and scatters) only, every group."""
+        return sum(n for (op, _), n in self.bytes_sent.items() if op.startswith("muon_"))
 
     def reset(self) -> None:
         self.bytes_sent.clear()

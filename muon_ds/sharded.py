@@ -188,6 +188,12 @@ class ShardedMuonCore:
                 )
         return plans, exchanges
 
+    def planned_bytes(self) -> dict[str, int]:
+        """Bytes the plans say this rank sends per step, by exchange group name."""
+        return {
+            e.group_name: e.plan.bytes_sent(e.rank, e.wire_dtype.itemsize) for e in self._exchanges
+        }
+
     # -- step -------------------------------------------------------------------------
 
     def run(self, hyper: Sequence[tuple[float, float]], state: MutableMapping[Any, Any]) -> bool:

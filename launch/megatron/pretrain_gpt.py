@@ -242,7 +242,7 @@ def report_muon_ds_work(optimizer: Any) -> None:
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         counter = part.optimizer.counter
         ns_matrices += counter.ns_matrices
-        bytes_sent += sum(n for (op, _), n in counter.bytes_sent.items() if op.startswith("muon_"))
+        bytes_sent += counter.exchange_bytes()
     print(
         f"muon_ds: rank {torch.distributed.get_rank()}: Newton-Schulz on {ns_matrices} "
         f"matrices, {bytes_sent} Muon exchange bytes sent over this run",

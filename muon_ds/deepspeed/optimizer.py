@@ -163,12 +163,7 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
         Only the gather and scatter of matrix pieces; the 4-byte finite-gradient vote
         each step also makes is counted separately by each core's counter.
         """
-        return sum(
-            n
-            for core in self._cores.values()
-            for (op, _), n in core.counter.bytes_sent.items()
-            if op.startswith("muon_")
-        )
+        return sum(core.counter.exchange_bytes() for core in self._cores.values())
 
     def ns_matrices(self) -> int:
         """Matrices this rank orthogonalised since construction (all groups)."""
