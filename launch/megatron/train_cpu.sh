@@ -47,14 +47,7 @@ OPTIMIZER=(
   --optimizer muon --use-distributed-optimizer --muon-impl "$IMPL"
   --lr 2e-2 --min-lr 2e-3 --lr-decay-style cosine --lr-warmup-iters 2 --weight-decay 0.1
 )
-# Moonlight (arXiv 2502.16982): Nesterov momentum 0.95, its quintic coefficients ("simple"),
-# 5 steps, update scaled by 0.2 * sqrt(max(A, B)), each TP-split matrix orthogonalised whole;
-# AdamW (0.9, 0.95) for embeddings, output layer and 1-D params.
-MOONLIGHT=(
-  --muon-momentum 0.95 --muon-nesterov --muon-coefficient-type simple --muon-num-ns-steps 5
-  --muon-scale-mode spectral --muon-extra-scale-factor 0.2 --muon-tp-mode duplicated
-  --adam-beta1 0.9 --adam-beta2 0.95
-)
+source launch/megatron/moonlight_flags.sh  # MOONLIGHT=(...)
 
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} CUDA_VISIBLE_DEVICES="" \
   "$PYTHON" -m torch.distributed.run --nproc-per-node "$RANKS" --master-port "${MASTER_PORT:-29500}" \

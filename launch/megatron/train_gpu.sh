@@ -42,14 +42,7 @@ OPTIMIZER=(
   --optimizer muon --use-distributed-optimizer --muon-impl "$IMPL"
   --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 200 --weight-decay 0.1
 )
-# Moonlight (arXiv 2502.16982): Nesterov momentum 0.95, its quintic coefficients ("simple"),
-# 5 steps, update scaled by 0.2 * sqrt(max(A, B)), each TP-split matrix orthogonalised whole;
-# AdamW (0.9, 0.95) for embeddings, output layer and 1-D params.
-MOONLIGHT=(
-  --muon-momentum 0.95 --muon-nesterov --muon-coefficient-type simple --muon-num-ns-steps 5
-  --muon-scale-mode spectral --muon-extra-scale-factor 0.2 --muon-tp-mode duplicated
-  --adam-beta1 0.9 --adam-beta2 0.95
-)
+source launch/megatron/moonlight_flags.sh  # MOONLIGHT=(...)
 
 # Megatron asks for one CUDA connection queue with TP on pre-Blackwell GPUs.
 CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1} \
