@@ -224,6 +224,22 @@ def local(
     return full.chunk(tp, dim=param.partition_dim)[tp_rank] if split else full
 
 
+def optimizer_config(lr: float, weight_decay: float, **overrides: Any) -> Any:
+    """Megatron's OptimizerConfig of these tests: bf16 params, distributed optimizer."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    settings = {
+        "optimizer": "muon",
+        "lr": lr,
+        "min_lr": lr,
+        "weight_decay": weight_decay,
+        "bf16": True,
+        "params_dtype": torch.bfloat16,
+        "use_distributed_optimizer": True,
+    }
+    return OptimizerConfig(**{**settings, **overrides})
+
+
 def constant_schedule(optimizer: Any, lr: float, weight_decay: float, steps: int) -> Any:
     """Megatron's own scheduler holding lr and weight decay constant (it writes both)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

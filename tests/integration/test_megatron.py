@@ -49,7 +49,6 @@ def _train(
 
     megatron_shims.install()
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import OptimizerConfig
 
     from muon_ds.megatron import get_muon_ds_optimizer
     from muon_ds.megatron.arguments import use_muon_ds
@@ -57,16 +56,7 @@ def _train(
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     try:
         ddp = models.build(shape, tp, ep)
-        optimizer_config = OptimizerConfig(
-            optimizer="muon",
-            lr=LR,
-            min_lr=LR,
-            weight_decay=WEIGHT_DECAY,
-            clip_grad=CLIP,
-            bf16=True,
-            params_dtype=torch.bfloat16,
-            use_distributed_optimizer=True,
-        )
+        optimizer_config = models.optimizer_config(LR, WEIGHT_DECAY, clip_grad=CLIP)
         if hook:
             from megatron.training import training
 

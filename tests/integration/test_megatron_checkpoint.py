@@ -71,25 +71,11 @@ def _metadata(sharding: str) -> dict[str, Any]:
     }
 
 
-def _optimizer_config(optimizer: str = "muon") -> Any:
-    from megatron.core.optimizer import OptimizerConfig
-
-    return OptimizerConfig(
-        optimizer=optimizer,
-        lr=LR,
-        min_lr=LR,
-        weight_decay=WEIGHT_DECAY,
-        bf16=True,
-        params_dtype=torch.bfloat16,
-        use_distributed_optimizer=True,
-    )
-
-
 def _build(shape: models.Shape, tp: int, ep: int) -> tuple[Any, Any, Any]:
     from muon_ds.megatron import get_muon_ds_optimizer
 
     ddp = models.build(shape, tp, ep)
-    optimizer = get_muon_ds_optimizer(_optimizer_config(), [ddp], CONFIG)
+    optimizer = get_muon_ds_optimizer(models.optimizer_config(LR, WEIGHT_DECAY), [ddp], CONFIG)
     return ddp, optimizer, models.constant_schedule(optimizer, LR, WEIGHT_DECAY, SAVED_AT + MORE)
 
 
@@ -214,7 +200,9 @@ def _refusals(
 
     errors = {}
     adam_ddp = models.build(shape, tp, ep)
-    adam = get_megatron_optimizer(_optimizer_config("adam"), [adam_ddp])
+    adam = get_megatron_optimizer(
+        models.optimizer_config(LR, WEIGHT_DECAY, optimizer="adam"), [adam_ddp]
+    )
     _forward_backward(adam_ddp, 0, samples)
     adam.step()
     _save(adam_ddp, adam, os.path.join(root, "adam"), "dp_reshardable")
