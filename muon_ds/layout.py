@@ -137,16 +137,28 @@ class ShardView:
         return self.blocks or (RowBlock(0, 0, self.matrix_shape[0]),)
 
 
-def expert_blocks(local_rows: int, num_experts: int, first_expert: int = 0) -> tuple[RowBlock, ...]:
+def expert_blocks(
+    local_rows: int, num_experts: int, first_expert: int = 0, *, gated: bool = False
+) -> tuple[RowBlock, ...]:
     """Grouped expert weights (``[E * rows, cols]`` or ``[E, rows, cols]``): one matrix each.
 
     Keys are global expert indices (``first_expert`` + local index), so experts held by
-    different expert-parallel ranks never merge.
+    different expert-parallel ranks never merge. A ``gated`` fc1 holds ``[gate; up]`` per
+    expert: two matrices each, keys ``2 * expert`` (gate) and ``2 * expert + 1`` (up).
     """
     if num_experts < 1 or local_rows % num_experts:
         raise ValueError(f"{local_rows} rows cannot be split into {num_experts} experts")
     rows = local_rows // num_experts
-    return tuple(RowBlock(first_expert + e, e * rows, (e + 1) * rows) for e in range(num_experts))
+    per_expert = gated_blocks(rows) if gated else (RowBlock(0, 0, rows),)
+    return tuple(
+        RowBlock(
+            len(per_expert) * (first_expert + e) + block.key,
+            e * rows + block.start,
+            e * rows + block.end,
+        )
+        for e in range(num_experts)
+        for block in per_expert
+    )
 
 
 def gated_blocks(local_rows: int) -> tuple[RowBlock, ...]:

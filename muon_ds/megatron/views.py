@@ -24,6 +24,7 @@ from muon_ds.layout import (
     RowBlock,
     ShardView,
     TensorParallel,
+    expert_blocks,
     gated_blocks,
     qkv_blocks,
     route_param,
@@ -40,7 +41,14 @@ _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _TE_GROUPED_EXPERT = re.compile(r"\.experts\.(linear_fc[12])\.weight(\d+)$")
 """TEGroupedMLP (``--moe-grouped-gemm`` with Transformer Engine) keeps one weight per
 expert, ``experts.linear_fc1.weight{i}``: the same matrix as SequentialMLP's."""
+_TE_SINGLE_GROUPED_EXPERTS = re.compile(r"\.experts\.linear_fc([12])\.weight$")
+"""TEGroupedMLP with ``moe_single_grouped_weight`` (TE >= 2.14) keeps all local experts in
+one 3-D ``experts.linear_fc1.weight``, ``[experts, rows, cols]``: expert ``i`` is
+``weight[i]``, the matrix ``weight{i}`` would be."""
 _LEGACY_GROUPED_EXPERT = re.compile(r"\.experts\.weight[12]$")
+"""Legacy GroupedMLP's ``weight1``/``weight2`` (all local experts side by side in one 2-D
+tensor). megatron-core 0.19.2 no longer has that module; a port of it would otherwise
+pass as one 2-D matrix and be orthogonalised whole, so it is refused by name."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,8 @@ def megatron_route(name: str, param: torch.Tensor, config: MuonConfig) -> Route:
 def global_name(name: str, layout: ModelLayout) -> str:
     """An expert's weight becomes ``experts.{global id}.linear_fc{1,2}.weight``, whether
     SequentialMLP (``local_experts.{i}``) or TEGroupedMLP (``weight{i}``) holds it: EP
-    ranks never collide, and both implementations give one matrix per expert."""
+    ranks never collide, and both implementations give one matrix per expert. A single
+    grouped 3-D weight keeps its name; its blocks carry the global expert ids."""
     match = _LOCAL_EXPERT.search(name)
     if match is not None:
         expert = layout.ep_rank * layout.local_experts + int(match.group(1))
@@ -156,7 +165,6 @@ def shard_views(
         for model_param in models:
             if group["algorithm"] == "muon":
                 name = global_name(names[model_param], layout)
-                _refuse_unsplittable(name, model_param)
                 tp = tensor_parallel(model_param, layout)
                 start, end = param_ranges[model_param]
                 if is_expert(model_param):
@@ -168,7 +176,18 @@ def shard_views(
                     exchange = EXPERT
                 else:
                     exchange = DENSE_TP if tp.size > 1 else DENSE
-                blocks = row_blocks(name, model_param, tp, layout)
+                if (
+                    model_param.ndim == 3
+                    and exchange == EXPERT
+                    and _TE_SINGLE_GROUPED_EXPERTS.search(name)
+                ):
+                    experts, rows, cols = model_param.shape
+                    matrix_shape = (experts * rows, cols)
+                    blocks = _single_grouped_blocks(name, model_param, layout)
+                else:
+                    _refuse_unsplittable(name, model_param)
+                    matrix_shape = (model_param.shape[0], model_param[0].numel())
+                    blocks = row_blocks(name, model_param, tp, layout)
                 # Megatron marks gated fc1 stride 2: each TP rank holds [gate_t; up_t],
                 # which is exactly the two row blocks.
                 stride = getattr(model_param, "partition_stride", 1)
@@ -180,7 +199,7 @@ def shard_views(
                 views.append(
                     ShardView(
                         name=name,
-                        matrix_shape=(model_param.shape[0], model_param[0].numel()),
+                        matrix_shape=matrix_shape,
                         start=start,
                         end=end,
                         buffer=buffer,
@@ -195,6 +214,25 @@ def shard_views(
     return views
 
 
+def _single_grouped_blocks(
+    name: str, param: torch.Tensor, layout: ModelLayout
+) -> tuple[RowBlock, ...]:
+    """A 3-D ``[experts, rows, cols]`` grouped weight: each expert's matrix (gate and up
+    apart for a gated fc1), keyed by global expert so EP ranks' experts never merge."""
+    experts = param.shape[0]
+    if experts != layout.local_experts:
+        raise NotImplementedError(
+            f"{name}: a 3-D grouped expert weight {tuple(param.shape)} holds {experts} "
+            f"experts but this EP rank has {layout.local_experts} local experts"
+        )
+    return expert_blocks(
+        experts * param.shape[1],
+        experts,
+        layout.ep_rank * layout.local_experts,
+        gated=layout.gated and name.endswith("linear_fc1.weight"),
+    )
+
+
 def _refuse_unsplittable(name: str, param: torch.Tensor) -> None:
     """Layouts whose logical matrices these views cannot cut out: never train them wrong."""
     if _LEGACY_GROUPED_EXPERT.search(name):
@@ -206,7 +244,8 @@ def _refuse_unsplittable(name: str, param: torch.Tensor) -> None:
     if param.ndim > 2:
         raise NotImplementedError(
             f"{name}: a {param.ndim}-D weight {tuple(param.shape)} is routed to Muon, but "
-            "muon_ds does not know which matrices it holds; route it to AdamW with "
+            "muon_ds does not know which matrices it holds (the 3-D weights it splits are "
+            "TEGroupedMLP's single grouped experts.linear_fc1/2.weight); route it to AdamW with "
             "muon_ds.set_route(param, 'adamw') or an adamw pattern"
         )
 

@@ -4,7 +4,8 @@ The reference for the Megatron tests is single-process ``muon_ds.Muon`` on the
 *unsharded* model whose fused weights are split explicitly here, independently of
 ``muon_ds.layout``: ``linear_qkv`` into Q, K, V (rows of all query groups of all TP
 ranks), gated ``linear_fc1`` into gate and up, SequentialMLP experts by global id, other
-TP-split weights concatenated along their partition dim. ``logical`` builds that view
+TP-split weights concatenated along their partition dim; the 3-D grouped weights of
+``SingleGroupedExperts`` one matrix per expert. ``logical`` builds that view
 from every rank's TP/EP-local tensors; ``local`` maps it back to one rank's tensor.
 """
 
@@ -29,6 +30,7 @@ HEADS, QUERY_GROUPS, HIDDEN = 4, 2, 64
 HEAD_DIM = HIDDEN // HEADS
 HEADS_PER_GROUP = HEADS // QUERY_GROUPS
 _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+_GROUPED = re.compile(r"\.experts\.(linear_fc[12]\.weight)$")
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,14 @@ class Shape:
     experts: int = 0
     expert_ffn: int = 0
     gated: bool = True
+    single_grouped_weight: bool = False
+    """The experts in ``SingleGroupedExperts`` (3-D weights) instead of SequentialMLP."""
 
 
 DENSE = Shape(layers=2, ffn=128)
 # Three experts per EP rank, so an expert-DP shard boundary cuts through an expert.
 MOE = Shape(layers=1, ffn=128, experts=6, expert_ffn=48)
+MOE_3D = Shape(layers=1, ffn=128, experts=6, expert_ffn=48, single_grouped_weight=True)
 # Megatron's Muon never splits gate/up, so the side-by-side model has a plain fc1.
 PLAIN = Shape(layers=2, ffn=128, gated=False)
 
@@ -88,10 +93,51 @@ def build(
     model = GPTModel(
         config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope"
     )
+    if shape.single_grouped_weight:
+        for layer in model.decoder.layers:
+            layer.mlp.experts = SingleGroupedExperts(layer.mlp.experts)
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=distributed_optimizer, grad_reduce_in_fp32=True
     )
     return DistributedDataParallel(config, ddp_config, model)
+
+
+class SingleGroupedExperts(torch.nn.Module):
+    """TEGroupedMLP's parameters under ``moe_single_grouped_weight``, computed in torch.
+
+    Transformer Engine (>= 2.14) is not installed here, so this stands in for it with
+    the same names (``experts.linear_fc{1,2}.weight``), shapes (``[experts, rows,
+    cols]``, expert i is ``weight[i]``, a gated fc1 ``[gate; up]``) and the attributes
+    TE's grouped linears get at expert TP 1 (Megatron's
+    ``_set_expert_parameter_attributes``), initialised from a SequentialMLP's experts.
+    """
+
+    def __init__(self, experts: torch.nn.Module) -> None:
+        super().__init__()
+        self.config = experts.config
+        for linear, partition_dim in (("linear_fc1", 0), ("linear_fc2", 1)):
+            weights = [getattr(e, linear).weight.detach() for e in experts.local_experts]
+            weight = torch.nn.Parameter(torch.stack(weights))
+            weight.allreduce = False
+            weight.tensor_model_parallel = True
+            weight.partition_dim = partition_dim
+            weight.partition_stride = 1
+            module = torch.nn.Module()
+            module.weight = weight
+            setattr(self, linear, module)
+
+    def forward(
+        self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        counts = tokens_per_expert.tolist()
+        outputs = []
+        for e, (x, p) in enumerate(
+            zip(torch.split(tokens, counts), torch.split(probs, counts), strict=True)
+        ):
+            gate, up = (x @ self.linear_fc1.weight[e].t()).chunk(2, dim=-1)
+            hidden = torch.nn.functional.silu(gate) * up * p.unsqueeze(-1).to(x.dtype)
+            outputs.append(hidden @ self.linear_fc2.weight[e].t())
+        return torch.cat(outputs), None
 
 
 def forward_backward(ddp: DistributedDataParallel, step: int) -> float:
@@ -164,8 +210,13 @@ def _join_fused(name: str, logical: dict[str, torch.Tensor], tp_rank: int, tp: i
     return torch.cat([gate, up])
 
 
-def expert_name(name: str, ep_rank: int, local_experts: int) -> str:
-    """``local_experts.{i}`` of EP rank r is global expert ``r * local_experts + i``."""
+def expert_name(name: str, ep_rank: int, local_experts: int, index: int | None = None) -> str:
+    """``local_experts.{i}`` of EP rank r is global expert ``r * local_experts + i``; so is
+    ``weight[i]`` of a 3-D ``experts.linear_fc1.weight`` (``index``)."""
+    if index is not None:
+        match = _GROUPED.search(name)
+        expert = ep_rank * local_experts + index
+        return f"{name[: match.start()]}.experts.{expert}.{match.group(1)}"
     match = _EXPERT.search(name)
     expert = ep_rank * local_experts + int(match.group(1))
     return f"{name[: match.start()]}.{expert}.{name[match.end() :]}"
@@ -192,7 +243,14 @@ def logical(
         if _is_expert(param):
             gathered = [torch.empty_like(local) for _ in range(ep)]
             dist.all_gather(gathered, local, group=ps.get_expert_model_parallel_group())
-            by_ep = {expert_name(name, r, local_experts): [gathered[r]] for r in range(ep)}
+            if param.ndim == 3:
+                by_ep = {
+                    expert_name(name, r, local_experts, e): [gathered[r][e]]
+                    for r in range(ep)
+                    for e in range(local_experts)
+                }
+            else:
+                by_ep = {expert_name(name, r, local_experts): [gathered[r]] for r in range(ep)}
         for key, tensors in by_ep.items():
             split = split_fused(key, tensors)
             if split:
@@ -216,12 +274,26 @@ def local(
     tp_rank = ps.get_tensor_model_parallel_rank() if split else 0
     if _is_expert(param):
         ep = ps.get_expert_model_parallel_world_size()
+        ep_rank = ps.get_expert_model_parallel_rank()
         local_experts = get_model_config(ddp).num_moe_experts // ep
-        name = expert_name(name, ps.get_expert_model_parallel_rank(), local_experts)
+        if param.ndim == 3:
+            matrices = [expert_name(name, ep_rank, local_experts, e) for e in range(local_experts)]
+            return torch.stack([_local_matrix(logical_values, m, param, 1, 0) for m in matrices])
+        name = expert_name(name, ep_rank, local_experts)
+    return _local_matrix(logical_values, name, param, tp, tp_rank)
+
+
+def _local_matrix(
+    logical_values: dict[str, torch.Tensor],
+    name: str,
+    param: torch.nn.Parameter,
+    tp: int,
+    tp_rank: int,
+) -> torch.Tensor:
     if name.endswith(("linear_qkv.weight", "linear_fc1.weight")):
         return _join_fused(name, logical_values, tp_rank, tp)
     full = logical_values[name]
-    return full.chunk(tp, dim=param.partition_dim)[tp_rank] if split else full
+    return full.chunk(tp, dim=param.partition_dim)[tp_rank] if tp > 1 else full
 
 
 def optimizer_config(lr: float, weight_decay: float, **overrides: Any) -> Any:

@@ -4,10 +4,12 @@ Each scenario (one spawn of 4 ranks, module-scoped) builds a small bf16 GPTModel
 it in Megatron's DDP and trains ``STEPS`` steps with ``get_muon_ds_optimizer`` under
 Megatron's own LR/WD scheduler, grad clipping (on, and active) and param all-gather.
 Alongside, every rank runs single-process ``muon_ds.Muon`` on the unsharded model, with
-QKV, gate/up and experts split explicitly by the test (``megatron_models``), fed the
-same averaged gradients, clipped by ``clip_grad_norm_``. Tolerance: Newton-Schulz in
-fp32, so only summation order differs: main params within 1e-5, the reported grad norm
-within 1e-5 relative; the bf16 model params are the main params rounded.
+QKV, gate/up and experts (SequentialMLP's, or TEGroupedMLP's single 3-D grouped weights as
+``megatron_models.SingleGroupedExperts`` lays them out) split explicitly by the test
+(``megatron_models``), fed the same averaged gradients, clipped by ``clip_grad_norm_``.
+Tolerance: Newton-Schulz in fp32, so only summation order differs: main params within
+1e-5, the reported grad norm within 1e-5 relative; the bf16 model params are the main
+params rounded.
 """
 
 from __future__ import annotations
@@ -198,6 +200,11 @@ def moe_ep2() -> list[dict[str, Any]]:
     return run_ranks(4, _train, models.MOE, 1, 2, True)
 
 
+@pytest.fixture(scope="module")
+def moe_ep2_3d() -> list[dict[str, Any]]:
+    return run_ranks(4, _train, models.MOE_3D, 1, 2, False)
+
+
 def _assert_equal_to_reference(results: list[dict[str, Any]]) -> None:
     for rank, result in enumerate(results):
         worst = max(result["main_errors"].values())
@@ -211,6 +218,11 @@ def test_tp2_dp2_dense_gpt_equals_single_process_muon_on_unsharded_model(dense_t
 
 def test_ep2_moe_gpt_equals_single_process_muon_on_unsharded_model(moe_ep2) -> None:
     _assert_equal_to_reference(moe_ep2)
+
+
+def test_ep2_moe_with_3d_grouped_expert_weights_equals_single_process_muon(moe_ep2_3d) -> None:
+    """TEGroupedMLP's single grouped weights: each expert's slice is its own matrix."""
+    _assert_equal_to_reference(moe_ep2_3d)
 
 
 def test_a_non_finite_gradient_on_one_rank_fails_the_step_everywhere(
@@ -233,13 +245,14 @@ def test_step_clips_raw_gradients_and_reports_their_norm(dense_tp2_dp2, moe_ep2)
             assert grad_norm > CLIP, "the test must exercise clipping"
 
 
-def test_newton_schulz_runs_once_per_logical_matrix(dense_tp2_dp2, moe_ep2) -> None:
+def test_newton_schulz_runs_once_per_logical_matrix(dense_tp2_dp2, moe_ep2, moe_ep2_3d) -> None:
     # Dense, per layer: Q, K, V, proj, gate, up, fc2. MoE, per layer: Q, K, V, proj, router,
     # and gate, up, fc2 of every expert.
-    dense, moe = models.DENSE, models.MOE
+    dense, moe, moe_3d = models.DENSE, models.MOE, models.MOE_3D
     for results, matrices in (
         (dense_tp2_dp2, 7 * dense.layers),
         (moe_ep2, (5 + 3 * moe.experts) * moe.layers),
+        (moe_ep2_3d, (5 + 3 * moe_3d.experts) * moe_3d.layers),
     ):
         assert results[0]["reference_matrices"] == matrices
         assert sum(r["ns_matrices"] for r in results) == matrices * STEPS
@@ -253,6 +266,6 @@ def test_each_bucket_group_gathers_its_parameters_once_per_step(dense_tp2_dp2, m
     assert all(r["bucket_groups"] >= 2 for r in moe_ep2)  # dense and expert buckets
 
 
-def test_exchange_bytes_equal_plan_prediction(dense_tp2_dp2, moe_ep2) -> None:
-    for result in (*dense_tp2_dp2, *moe_ep2):
+def test_exchange_bytes_equal_plan_prediction(dense_tp2_dp2, moe_ep2, moe_ep2_3d) -> None:
+    for result in (*dense_tp2_dp2, *moe_ep2, *moe_ep2_3d):
         assert result["bytes"] == result["predicted"]

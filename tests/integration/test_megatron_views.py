@@ -135,6 +135,46 @@ def test_te_grouped_experts_are_one_matrix_each_with_gate_and_up_apart() -> None
     assert views["decoder.layers.0.mlp.experts.3.linear_fc2.weight"].blocks == ()
 
 
+def test_te_single_grouped_3d_weights_are_one_matrix_per_global_expert() -> None:
+    """``moe_single_grouped_weight``: ``[experts, rows, cols]``, expert i is ``weight[i]``."""
+    fc1 = "decoder.layers.0.mlp.experts.linear_fc1.weight"
+    fc2 = "decoder.layers.0.mlp.experts.linear_fc2.weight"
+    # The attributes TE's grouped linears get at expert TP 1 (column and row parallel).
+    views = _views(
+        {
+            fc1: _param(
+                (3, 16, HIDDEN), allreduce=False, tensor_model_parallel=True, partition_dim=0
+            ),
+            fc2: _param(
+                (3, HIDDEN, 8), allreduce=False, tensor_model_parallel=True, partition_dim=1
+            ),
+        },
+        _layout(),
+    )
+    # EP rank 1 with 3 local experts holds global experts 3, 4, 5: gate 2e, up 2e + 1.
+    assert views[fc1].matrix_shape == (48, HIDDEN)
+    assert views[fc1].blocks == (
+        RowBlock(6, 0, 8),
+        RowBlock(7, 8, 16),
+        RowBlock(8, 16, 24),
+        RowBlock(9, 24, 32),
+        RowBlock(10, 32, 40),
+        RowBlock(11, 40, 48),
+    )
+    assert views[fc2].matrix_shape == (3 * HIDDEN, 8)
+    assert views[fc2].blocks == tuple(
+        RowBlock(3 + e, e * HIDDEN, (e + 1) * HIDDEN) for e in range(3)
+    )
+    assert {views[fc1].group, views[fc2].group} == {EXPERT}
+    assert views[fc1].tp == views[fc2].tp == NOT_SPLIT
+
+
+def test_a_3d_grouped_weight_of_another_expert_count_is_refused() -> None:
+    fc2 = "decoder.layers.0.mlp.experts.linear_fc2.weight"
+    with pytest.raises(NotImplementedError, match="holds 2 experts but this EP rank has 3"):
+        _views({fc2: _param((2, HIDDEN, 8), allreduce=False)}, _layout())
+
+
 def test_weights_whose_matrices_cannot_be_cut_out_are_refused() -> None:
     legacy = {"decoder.layers.0.mlp.experts.weight1": _param((HIDDEN, 48), allreduce=False)}
     with pytest.raises(NotImplementedError, match="legacy GroupedMLP"):
