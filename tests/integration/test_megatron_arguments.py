@@ -2,13 +2,17 @@
 
 Megatron's ``parse_args`` reads ``sys.argv`` and its ``validate_args`` rewrites muon with
 ``--use-distributed-optimizer`` into the layer-wise optimizer; these tests run both for
-real, then ``muon_config_from_args``.
+real, then ``muon_config_from_args``; the GPU launcher's flags go through the same
+validation at world 8.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +29,7 @@ BASE = [
     *("--train-iters", "3", "--bf16", "--lr", "1e-3", "--weight-decay", "0.1"),
 ]
 MUON = ["--optimizer", "muon", "--use-distributed-optimizer"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parse(monkeypatch: pytest.MonkeyPatch, *flags: str) -> argparse.Namespace:
@@ -118,3 +123,54 @@ def test_muon_ds_without_distributed_optimizer_is_refused(monkeypatch) -> None:
 )
 def test_qkv_split_flags(monkeypatch, flags, split) -> None:
     assert qkv_split_from_args(_parse(monkeypatch, *MUON, *flags)) == split
+
+
+def _gpu_launch_flags(tmp_path: Path, **env: str) -> tuple[list[str], str]:
+    """What ``train_gpu.sh`` hands ``pretrain_gpt.py``, and its CUDA_DEVICE_MAX_CONNECTIONS,
+    read by running the script with a ``PYTHON`` that records instead of launching."""
+    recorder = tmp_path / "python"
+    recorder.write_text(
+        '#!/usr/bin/env bash\nprintf "%s\\n" "$CUDA_DEVICE_MAX_CONNECTIONS" "$@" > "$RECORD"\n'
+    )
+    recorder.chmod(0o755)
+    record = tmp_path / "argv"
+    subprocess.run(
+        ["bash", str(ROOT / "launch/megatron/train_gpu.sh")],
+        env={**os.environ, **env, "PYTHON": str(recorder), "RECORD": str(record)},
+        check=True,
+    )
+    connections, *argv = record.read_text().splitlines()
+    return argv[argv.index("launch.megatron.pretrain_gpt") + 1 :], connections
+
+
+@pytest.mark.parametrize(
+    ("env", "sizes"),
+    [({}, (2, 4, 1)), ({"MOE": "1", "TP": "1", "EP": "8"}, (1, 8, 8))],
+    ids=["dense_tp2_dp4", "moe_ep8"],
+)
+def test_gpu_launcher_flags_pass_megatron_and_muon_ds_validation_on_8_gpus(
+    tmp_path, monkeypatch, env, sizes
+) -> None:
+    """train_gpu.sh never runs here (no GPU): its flags go through the entry's own parser
+    and Megatron's validate_args at world 8, with the GPU queries answered as an H100's."""
+    import torch
+    from megatron.training import arguments
+
+    from launch.megatron.pretrain_gpt import add_launch_args
+    from launch.tiny_gpt import VOCAB_SIZE
+
+    flags, connections = _gpu_launch_flags(tmp_path, **env)
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *flags])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", connections)
+    monkeypatch.setattr(arguments, "get_device_arch_version", lambda: 9)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    args = arguments.parse_args(add_launch_args)
+    # What the entry's parse_and_validate_args does, without setting Megatron's globals.
+    arguments.validate_args(args, {"tokenizer_type": "NullTokenizer", "vocab_size": VOCAB_SIZE})
+    config = muon_config_from_args(args)
+    parallel = (args.tensor_model_parallel_size, args.data_parallel_size)
+    assert (*parallel, args.expert_model_parallel_size) == sizes
+    assert args.use_distributed_optimizer
+    assert args.distributed_backend == "nccl"
+    assert config == MuonConfig(lr=2e-3, weight_decay=0.1, adamw_betas=(0.9, 0.95))
