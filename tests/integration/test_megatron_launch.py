@@ -7,7 +7,8 @@ Megatron's per-iteration ``lm loss`` and validation loss, muon_ds's effective-co
 ``LAYERS`` layers with separate Q/K/V (query groups), gated fc1 (gate, up) and fc2 in
 every layer; the MoE variant has ``EXPERTS`` SequentialMLP experts and a router instead of
 the dense MLP. Every logical matrix is orthogonalised exactly once per step in the whole
-world, so the ranks' counts add up to matrices x steps.
+world, so the ranks' counts add up to matrices x steps. The resume test interrupts that
+run with Megatron's own ``--save``/``--exit-interval`` and continues it with ``--load``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MOE_MATRICES = LAYERS * (3 + 1 + 1 + 3 * EXPERTS)  # ...; router; gate, up, fc2 
 EXPECTED_CONFIG = MuonConfig(lr=2e-2, weight_decay=0.1)
 
 _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: (\S+) \|")
+_GRAD_NORM = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? grad norm: (\S+) \|")
 _VALIDATION = re.compile(
     r"validation loss at iteration \d+ on validation set \| lm loss value: (\S+) "
 )
@@ -152,3 +154,87 @@ def test_unsupported_muon_flag_fails_on_every_rank_without_hanging(tmp_path: Pat
         (log,) = tmp_path.glob(f"*/attempt_0/{rank}/stderr.log")
         assert message in log.read_text(), (rank, log.read_text()[-2000:])
     assert run.stderr.count("exitcode  : 1 ") == RANKS, run.stderr[-3000:]
+
+
+SAVED_AT = STEPS // 2
+
+
+def _logged(pattern: re.Pattern, run: subprocess.CompletedProcess) -> dict[int, float]:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return {int(step): float(value) for step, value in pattern.findall(run.stdout)}
+
+
+def _assert_resumed_at_checkpoint(run: subprocess.CompletedProcess, directory: Path) -> None:
+    """Megatron says it loaded the checkpoint of iteration SAVED_AT, then ran the rest."""
+    loaded = rf"successfully loaded checkpoint from {re.escape(str(directory))} \[.*\] at iteration"
+    assert re.search(rf"{loaded} {SAVED_AT}\n", run.stdout), run.stdout[-3000:]
+    assert sorted(_logged(_ITERATION, run)) == list(range(SAVED_AT + 1, STEPS + 1))
+    assert sum(_ns_by_rank(run).values()) == DENSE_MATRICES * (STEPS - SAVED_AT)
+
+
+def test_resume_through_megatron_checkpointing_continues_the_uninterrupted_run(
+    dense_muon_ds, tmp_path: Path
+) -> None:
+    """Megatron's own ``save_checkpoint``/``load_checkpoint`` inside ``pretrain()``, in its
+    default format (dist-ckpt, distributed optimizer "dp_reshardable").
+
+    The interrupted run is the fixture's command (so the same ``--train-iters`` and LR
+    schedule) with ``--save --save-interval --exit-interval`` at SAVED_AT; the resumed one
+    adds ``--load``. Megatron restores the iteration, consumed samples (so the data order:
+    the sampler, not an RNG, picks the batches) and the LR schedule; muon_ds's momentum,
+    AdamW moments and fp32 main params come back through the distributed optimizer.
+
+    Same layout (TP=2 x DP=2): identical arithmetic, so the resumed run logs exactly the
+    losses and grad norms of the uninterrupted one, to all the digits Megatron prints
+    (measured: the model, main params and every optimizer tensor of both runs' iteration-10
+    checkpoints are bit-identical too). Megatron's quirk: the first log of a run does not
+    reset its loss accumulator, so a run's second logged loss is the mean over its first
+    two iterations (``training_log``, ``should_reset``); the resumed run's is compared with
+    the mean of the uninterrupted run's, within the 1e-6 of rounding both to 7 digits.
+
+    Resharded (TP=2 x DP=1, world 2, the same checkpoint): a DP size change only
+    reorders sums (the gradient reduction, the exchange's owners). First loss after
+    loading within 1e-6 relative (measured: equal), the rest within 1e-4 (measured: equal
+    to the printed digits; bf16 model params one ulp apart would show after a step).
+    """
+    checkpoint = tmp_path / "checkpoint"
+    flags = {"TP": "2", "EP": "1"}
+    interrupted = _launch(
+        "--save",
+        str(checkpoint),
+        "--save-interval",
+        str(SAVED_AT),
+        "--exit-interval",
+        str(SAVED_AT),
+        **flags,
+    )
+    assert f"successfully saved checkpoint from iteration {SAVED_AT:7d} to {checkpoint} [" in (
+        interrupted.stdout
+    ), interrupted.stdout[-3000:]
+    reference = _losses(dense_muon_ds)
+    assert [_logged(_ITERATION, interrupted)[s] for s in range(1, SAVED_AT + 1)] == (
+        reference[:SAVED_AT]
+    )
+    reference_norms = _logged(_GRAD_NORM, dense_muon_ds)
+
+    resumed = _launch("--load", str(checkpoint), **flags)
+    _assert_resumed_at_checkpoint(resumed, checkpoint)
+    losses = _logged(_ITERATION, resumed)
+    first, second = SAVED_AT + 1, SAVED_AT + 2
+    assert losses[first] == reference[first - 1], (losses, reference)
+    mean = (reference[first - 1] + reference[second - 1]) / 2
+    assert abs(losses[second] - mean) <= 1e-6, (losses[second], mean)
+    later = range(second + 1, STEPS + 1)
+    assert [losses[s] for s in later] == [reference[s - 1] for s in later], (losses, reference)
+    norms = _logged(_GRAD_NORM, resumed)
+    assert [norms[s] for s in range(first, STEPS + 1)] == [
+        reference_norms[s] for s in range(first, STEPS + 1)
+    ]
+
+    resharded = _launch("--load", str(checkpoint), RANKS="2", **flags)
+    _assert_resumed_at_checkpoint(resharded, checkpoint)
+    losses = _logged(_ITERATION, resharded)
+    assert math.isclose(losses[first], reference[first - 1], rel_tol=1e-6), losses
+    assert abs(losses[second] - mean) <= 1e-4 * mean, (losses[second], mean)
+    for step in later:
+        assert math.isclose(losses[step], reference[step - 1], rel_tol=1e-4), (step, losses)
