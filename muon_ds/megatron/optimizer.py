@@ -23,7 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensorFactory
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.optimizer import (
     OptimizerConfig,
     _get_param_groups_and_buffers,
@@ -97,13 +99,17 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         # Every model param of this optimizer, not only this rank's (checkpoints list all),
         # taken before Megatron puts the shards into these same group dicts.
         muon_params = {
-            p for group in param_groups if group["algorithm"] == "muon" for p in group["params"]
+            p: names[p]
+            for group in param_groups
+            if group["algorithm"] == "muon"
+            for p in group["params"]
         }
         holder = torch.optim.Optimizer(
             list(param_groups), {"lr": config.lr, "weight_decay": config.weight_decay}
         )
         super().__init__(holder, config, None, init_muon_state, **distributed_optimizer_args)
         self._muon_params = muon_params
+        self._muon_record: list[str] | None = None  # set by sharded_state_dict
         self._loading_checkpoint = False
         shard_groups = self.optimizer.param_groups
         self._make_fp32_shards_leaves(shard_groups)
@@ -161,6 +167,25 @@ class MuonDistributedOptimizer(DistributedOptimizer):
     # ``load_state_dict`` assume Adam's step (torch: in every shard's state; TE/apex: in
     # the group) and tell groups apart by lr/wd settings alone, while each Megatron group
     # here is a Muon and an AdamW half: those two are ours.
+    #
+    # Neither format says which parameters were Muon's (an AdamW parameter's exp_avg would
+    # load as Muon momentum), so the non-per-parameter state holds a routing record: the
+    # sorted names of this optimizer's Muon parameters, each named by its key in the
+    # model's sharded state dict plus the layer and expert indices Megatron stacks there
+    # (``decoder.layers.self_attention.linear_proj.weight[1]``). Those names are what
+    # Megatron reshards by: the same on every TP and DP rank and under any TP/PP/EP
+    # layout; gathered over the world, the record is identical on every rank, as
+    # Megatron's common state must be (rank 0 writes it for "fully_reshardable", every
+    # pipeline stage and EP rank compares against it) and as the per-TP/PP-rank object of
+    # "dp_reshardable" is. Loading compares it with this run's before any state is copied
+    # and names the parameters that changed route. The one case that fails before that
+    # comparison: a "fully_reshardable" Muon parameter that is AdamW now, whose
+    # ``exp_avg_sq`` the checkpoint lacks; with Megatron's default strictness
+    # (assume_ok_unexpected) torch's loader refuses first on every rank, naming
+    # ``optimizer.state.exp_avg_sq.<key>``; a strictness that drops requested keys the
+    # checkpoint lacks (log_unexpected) reaches muon_ds's message. Checkpoints written
+    # before the record existed still load, unchecked: refusing them would strand every
+    # earlier checkpoint, nearly all resumed with the routing they were saved with.
 
     def sharded_state_dict(
         self,
@@ -187,6 +212,7 @@ class MuonDistributedOptimizer(DistributedOptimizer):
                 f"supported; allowed: {', '.join(CHECKPOINT_FORMATS)}"
             )
         init_muon_state(self.optimizer)
+        self._muon_record = self._routing_record(model_sharded_state_dict)
         self._loading_checkpoint = is_loading
         try:
             return super().sharded_state_dict(
@@ -246,22 +272,83 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         for key, target in targets.items():
             target.copy_(tensors[key])
 
+    def _routing_record(self, model_sharded_state_dict: ShardedStateDict) -> list[str]:
+        """The checkpoint names of every parameter this optimizer routes to Muon, on any
+        rank (see the block above ``sharded_state_dict``). Collective over the world."""
+        tensors, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
+        by_param = {sharded.data: sharded for sharded in nested_values(tensors)}
+        local = []
+        for param, name in self._muon_params.items():
+            sharded = by_param.get(param)
+            if sharded is None:
+                raise ValueError(
+                    f"muon_ds: Muon parameter {name} is not in the model's sharded state "
+                    "dict, so its route cannot be recorded; pass the model's own "
+                    "sharded_state_dict() (it references the parameters)"
+                )
+            if isinstance(sharded, ShardedTensorFactory):  # e.g. gated fc1: gate and up
+                built = sharded.build()
+                sharded = next(nested_values(built)) if isinstance(built, dict | list) else built
+            stacked = list(sharded.global_offset[: sharded.prepend_axis_num])
+            local.append(f"{sharded.key}{stacked}" if stacked else sharded.key)
+        everyone: list[list[str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+        return sorted(set().union(*everyone))
+
+    def _check_routing(self, saved: Sequence[str]) -> None:
+        """Refuse a checkpoint whose Muon parameters are not this run's, naming them."""
+        if self._muon_record is None:
+            raise RuntimeError(
+                "muon_ds: a checkpoint's routing record is checked against this run's, "
+                "made by sharded_state_dict(..., is_loading=True): call it before loading"
+            )
+        saved, current = set(saved), set(self._muon_record)
+        if saved == current:
+            return
+
+        def some(names: set[str]) -> str:
+            if not names:
+                return "none"
+            shown = ", ".join(sorted(names)[:_NAMES_SHOWN])
+            return f"{len(names)} ({shown}{', ...' if len(names) > _NAMES_SHOWN else ''})"
+
+        raise ValueError(
+            "muon_ds: the checkpoint routes parameters to Muon and AdamW differently from "
+            f"this run: saved on Muon but not on Muon now: {some(saved - current)}; on Muon "
+            f"now but not saved on Muon: {some(current - saved)}. Muon's momentum and "
+            "AdamW's moments do not carry over between the two: load with the routing the "
+            "checkpoint was saved with (MuonConfig muon_patterns/adamw_patterns, "
+            "--muon-patterns/--muon-adamw-patterns, muon_ds.set_route tags, the same model), "
+            "or load the model weights alone and start the optimizer afresh "
+            "(--no-load-optim)"
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The param groups (lr, wd, overrides, algorithm) with AdamW's step in each, as
-        Megatron writes it: the state that is not per-parameter."""
+        Megatron writes it, and (once ``sharded_state_dict`` made it) the routing record:
+        the state that is not per-parameter."""
         step = self._adamw_step()
         groups = [
             {**{k: v for k, v in group.items() if k != "params"}, "step": step}
             for group in self.optimizer.param_groups
         ]
-        return {"optimizer": {"param_groups": groups}}
+        common: dict[str, Any] = {"param_groups": groups}
+        if self._muon_record is not None:
+            common[ROUTING_RECORD] = self._muon_record
+        return {"optimizer": common}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore groups and AdamW's step, then the parameter state Megatron loaded.
+        """Check the routing, restore groups and AdamW's step, then the parameter state
+        Megatron loaded.
 
-        Saved groups are matched to ours by Megatron's group identifiers plus the
-        algorithm, so a checkpoint of another optimizer fails here with its groups named.
+        A checkpoint whose Muon parameters are not this run's fails with them named; one
+        saved before muon_ds recorded its routing loads unchecked. Saved groups are
+        matched to ours by Megatron's group identifiers plus the algorithm, so a
+        checkpoint of another optimizer fails here with its groups named.
         """
+        saved_record = state_dict["optimizer"].get(ROUTING_RECORD)
+        if saved_record is not None:
+            self._check_routing(saved_record)
         init_muon_state(self.optimizer)
         saved_groups = state_dict["optimizer"]["param_groups"]
         saved = {_group_identity(group): group for group in saved_groups}
@@ -333,6 +420,10 @@ class MuonDistributedOptimizer(DistributedOptimizer):
 
 CHECKPOINT_FORMATS = ("dp_reshardable", "fully_reshardable")
 """Megatron's distributed-optimizer checkpoint formats muon_ds saves and loads."""
+
+ROUTING_RECORD = "muon_ds_muon_params"
+"""Key of the routing record in the optimizer's non-per-parameter state."""
+_NAMES_SHOWN = 4
 
 _IDENTITY = ("algorithm", *param_group_identifier_keys)
 
