@@ -156,7 +156,12 @@ def test_unsupported_muon_flag_fails_on_every_rank_without_hanging(tmp_path: Pat
     assert run.stderr.count("exitcode  : 1 ") == RANKS, run.stderr[-3000:]
 
 
-SAVED_AT = STEPS // 2
+SAVED_AT, RESHARDED_AT = STEPS // 2, STEPS // 2 + 2
+FULLY_RESHARDABLE = (
+    "--dist-ckpt-optim-fully-reshardable",
+    # The other mode gathers over NCCL (.cuda()), which gloo ranks lack.
+    "--distrib-optim-fully-reshardable-mem-efficient",
+)
 
 
 def _logged(pattern: re.Pattern, run: subprocess.CompletedProcess) -> dict[int, float]:
@@ -164,77 +169,94 @@ def _logged(pattern: re.Pattern, run: subprocess.CompletedProcess) -> dict[int, 
     return {int(step): float(value) for step, value in pattern.findall(run.stdout)}
 
 
-def _assert_resumed_at_checkpoint(run: subprocess.CompletedProcess, directory: Path) -> None:
-    """Megatron says it loaded the checkpoint of iteration SAVED_AT, then ran the rest."""
+def _assert_saved(run: subprocess.CompletedProcess, directory: Path, iteration: int) -> None:
+    saved = f"successfully saved checkpoint from iteration {iteration:7d} to {directory} ["
+    assert saved in run.stdout, run.stdout[-3000:]
+
+
+def _assert_resumed(run: subprocess.CompletedProcess, directory: Path, iteration: int) -> None:
+    """Megatron says it loaded the checkpoint of ``iteration``; muon_ds ran the rest."""
     loaded = rf"successfully loaded checkpoint from {re.escape(str(directory))} \[.*\] at iteration"
-    assert re.search(rf"{loaded} {SAVED_AT}\n", run.stdout), run.stdout[-3000:]
-    assert sorted(_logged(_ITERATION, run)) == list(range(SAVED_AT + 1, STEPS + 1))
-    assert sum(_ns_by_rank(run).values()) == DENSE_MATRICES * (STEPS - SAVED_AT)
+    assert re.search(rf"{loaded} {iteration}\n", run.stdout), run.stdout[-3000:]
+    assert sum(_ns_by_rank(run).values()) == DENSE_MATRICES * (STEPS - iteration)
+
+
+def _assert_continues(
+    run: subprocess.CompletedProcess,
+    uninterrupted: subprocess.CompletedProcess,
+    iteration: int,
+    rel_tol: float,
+) -> None:
+    """``run`` logs the uninterrupted run's losses for every iteration after ``iteration``.
+
+    Megatron's first log of a run does not reset its loss accumulator (``training_log``'s
+    ``should_reset``), so a run's second logged loss is the mean over its first two
+    iterations: it is compared with the mean of the uninterrupted run's, allowing the 1e-6
+    of rounding both to the 7 digits Megatron prints.
+    """
+    reference = _losses(uninterrupted)
+    losses = _logged(_ITERATION, run)
+    assert sorted(losses) == list(range(iteration + 1, STEPS + 1)), losses
+    expected = {step: reference[step - 1] for step in losses}
+    expected[iteration + 2] = (reference[iteration] + reference[iteration + 1]) / 2
+    for step, loss in losses.items():
+        rounding = 1e-6 if step == iteration + 2 else 0.0
+        assert abs(loss - expected[step]) <= rel_tol * expected[step] + rounding, (
+            step,
+            loss,
+            expected[step],
+        )
 
 
 def test_resume_through_megatron_checkpointing_continues_the_uninterrupted_run(
     dense_muon_ds, tmp_path: Path
 ) -> None:
-    """Megatron's own ``save_checkpoint``/``load_checkpoint`` inside ``pretrain()``, in its
-    default format (dist-ckpt, distributed optimizer "dp_reshardable").
+    """Megatron's own ``save_checkpoint``/``load_checkpoint`` inside ``pretrain()``.
 
-    The interrupted run is the fixture's command (so the same ``--train-iters`` and LR
-    schedule) with ``--save --save-interval --exit-interval`` at SAVED_AT; the resumed one
-    adds ``--load``. Megatron restores the iteration, consumed samples (so the data order:
-    the sampler, not an RNG, picks the batches) and the LR schedule; muon_ds's momentum,
-    AdamW moments and fp32 main params come back through the distributed optimizer.
+    The interrupted run is the fixture's command (the same ``--train-iters``, so the same
+    LR schedule) with ``--save --save-interval --exit-interval`` at SAVED_AT, in Megatron's
+    default format (dist-ckpt, distributed optimizer "dp_reshardable"). Megatron restores
+    the iteration, the consumed samples (so the data: its sampler, not an RNG, picks the
+    batches) and the LR schedule; muon_ds's momentum, AdamW moments and fp32 main params
+    come back through the distributed optimizer's own checkpoint code.
 
-    Same layout (TP=2 x DP=2): identical arithmetic, so the resumed run logs exactly the
-    losses and grad norms of the uninterrupted one, to all the digits Megatron prints
-    (measured: the model, main params and every optimizer tensor of both runs' iteration-10
-    checkpoints are bit-identical too). Megatron's quirk: the first log of a run does not
-    reset its loss accumulator, so a run's second logged loss is the mean over its first
-    two iterations (``training_log``, ``should_reset``); the resumed run's is compared with
-    the mean of the uninterrupted run's, within the 1e-6 of rounding both to 7 digits.
-
-    Resharded (TP=2 x DP=1, world 2, the same checkpoint): a DP size change only
-    reorders sums (the gradient reduction, the exchange's owners). First loss after
-    loading within 1e-6 relative (measured: equal), the rest within 1e-4 (measured: equal
-    to the printed digits; bf16 model params one ulp apart would show after a step).
+    Same layout (TP=2 x DP=2, ``--load``): the same arithmetic, so exactly the losses and
+    grad norms of the uninterrupted run, to every printed digit (measured: its iteration-10
+    checkpoint's model, main params and optimizer tensors are bit-identical to the
+    uninterrupted run's; with the momentum zeroed after loading, iteration 7's loss moves
+    by 4.5e-3 and its grad norm from 0.854 to 0.741). That run also saves at RESHARDED_AT,
+    "fully_reshardable", which a TP=2 x DP=1 run (world 2) then loads: a DP change only
+    reorders sums (gradient reduction, the exchange's owners), so the first loss after
+    loading within 1e-6 (only the loss's own sum is reordered) and the rest within 1e-4
+    (measured: all equal to the printed digits; a bf16 param one ulp apart would show).
     """
-    checkpoint = tmp_path / "checkpoint"
-    flags = {"TP": "2", "EP": "1"}
+    dense = {"TP": "2", "EP": "1"}
+    interrupted_at = tmp_path / "dp_reshardable"
     interrupted = _launch(
-        "--save",
-        str(checkpoint),
-        "--save-interval",
-        str(SAVED_AT),
-        "--exit-interval",
-        str(SAVED_AT),
-        **flags,
+        *("--save", str(interrupted_at), "--save-interval", str(SAVED_AT)),
+        *("--exit-interval", str(SAVED_AT)),
+        **dense,
     )
-    assert f"successfully saved checkpoint from iteration {SAVED_AT:7d} to {checkpoint} [" in (
-        interrupted.stdout
-    ), interrupted.stdout[-3000:]
-    reference = _losses(dense_muon_ds)
-    assert [_logged(_ITERATION, interrupted)[s] for s in range(1, SAVED_AT + 1)] == (
-        reference[:SAVED_AT]
+    _assert_saved(interrupted, interrupted_at, SAVED_AT)
+    losses = _logged(_ITERATION, interrupted)
+    assert [losses[step] for step in sorted(losses)] == _losses(dense_muon_ds)[:SAVED_AT]
+
+    resharded_at = tmp_path / "fully_reshardable"
+    resumed = _launch(
+        *("--load", str(interrupted_at), "--save", str(resharded_at)),
+        *("--save-interval", str(RESHARDED_AT), *FULLY_RESHARDABLE),
+        **dense,
     )
-    reference_norms = _logged(_GRAD_NORM, dense_muon_ds)
+    _assert_resumed(resumed, interrupted_at, SAVED_AT)
+    _assert_continues(resumed, dense_muon_ds, SAVED_AT, rel_tol=0.0)
+    norms, reference_norms = _logged(_GRAD_NORM, resumed), _logged(_GRAD_NORM, dense_muon_ds)
+    assert norms == {step: reference_norms[step] for step in norms}, (norms, reference_norms)
+    _assert_saved(resumed, resharded_at, RESHARDED_AT)
 
-    resumed = _launch("--load", str(checkpoint), **flags)
-    _assert_resumed_at_checkpoint(resumed, checkpoint)
-    losses = _logged(_ITERATION, resumed)
-    first, second = SAVED_AT + 1, SAVED_AT + 2
-    assert losses[first] == reference[first - 1], (losses, reference)
-    mean = (reference[first - 1] + reference[second - 1]) / 2
-    assert abs(losses[second] - mean) <= 1e-6, (losses[second], mean)
-    later = range(second + 1, STEPS + 1)
-    assert [losses[s] for s in later] == [reference[s - 1] for s in later], (losses, reference)
-    norms = _logged(_GRAD_NORM, resumed)
-    assert [norms[s] for s in range(first, STEPS + 1)] == [
-        reference_norms[s] for s in range(first, STEPS + 1)
-    ]
-
-    resharded = _launch("--load", str(checkpoint), RANKS="2", **flags)
-    _assert_resumed_at_checkpoint(resharded, checkpoint)
-    losses = _logged(_ITERATION, resharded)
-    assert math.isclose(losses[first], reference[first - 1], rel_tol=1e-6), losses
-    assert abs(losses[second] - mean) <= 1e-4 * mean, (losses[second], mean)
-    for step in later:
-        assert math.isclose(losses[step], reference[step - 1], rel_tol=1e-4), (step, losses)
+    resharded = _launch(
+        *("--load", str(resharded_at), "--ckpt-step", str(RESHARDED_AT)), RANKS="2", **dense
+    )
+    _assert_resumed(resharded, resharded_at, RESHARDED_AT)
+    _assert_continues(resharded, dense_muon_ds, RESHARDED_AT, rel_tol=1e-4)
+    first = _logged(_ITERATION, resharded)[RESHARDED_AT + 1]
+    assert math.isclose(first, _losses(dense_muon_ds)[RESHARDED_AT], rel_tol=1e-6), first
