@@ -6,6 +6,10 @@
 #   IMPL=megatron launch/megatron/train_cpu.sh      # Megatron's own Muon, for comparison
 #
 # Extra arguments go to pretrain_gpt.py (later flags win), e.g. --train-iters 100.
+# Checkpoints are Megatron's own: --save DIR --save-interval N (--exit-interval N to stop
+# there), then the same command with --load DIR resumes, also at another DP size (RANKS).
+# --dist-ckpt-optim-fully-reshardable (loadable at another TP size too) needs
+# --distrib-optim-fully-reshardable-mem-efficient on CPU: the other mode gathers over NCCL.
 # A tiny model on the embedded stdlib byte corpus. Moonlight's Muon settings are spelled
 # out with Megatron's own --muon-* flags, so both implementations run the same method.
 set -euo pipefail

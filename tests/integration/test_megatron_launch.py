@@ -1,14 +1,14 @@
 """``--optimizer muon`` through ``launch/megatron/train_cpu.sh``: Megatron's own
 ``pretrain()`` on 4 CPU ranks (torchrun, gloo), end to end.
 
-Each test runs the launcher once, as a user would, and reads what the ranks print:
+Each test runs the launcher as a user would and reads what the ranks print:
 Megatron's per-iteration ``lm loss`` and validation loss, muon_ds's effective-config line
 (rank 0) and each rank's counted Newton-Schulz matrices. The launcher's model has
 ``LAYERS`` layers with separate Q/K/V (query groups), gated fc1 (gate, up) and fc2 in
 every layer; the MoE variant has ``EXPERTS`` SequentialMLP experts and a router instead of
 the dense MLP. Every logical matrix is orthogonalised exactly once per step in the whole
-world, so the ranks' counts add up to matrices x steps. The resume test interrupts that
-run with Megatron's own ``--save``/``--exit-interval`` and continues it with ``--load``.
+world, so the ranks' counts add up to matrices x steps. The resume test interrupts the
+dense run with Megatron's own ``--save``/``--exit-interval`` and continues it with ``--load``.
 """
 
 from __future__ import annotations
