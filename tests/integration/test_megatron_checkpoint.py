@@ -24,11 +24,11 @@ True)``, ``dist_checkpointing.load``, ``load_state_dict``).
   MoE micro-batch puts through the experts the tokens one world-4 EP group (ranks 2m,
   2m + 1) did: pairing them otherwise feeds the bf16 expert GEMMs other token sets and
   moved experts' main params up to 1.7e-4 apart after the step (measured; 0 with this
-  pairing). One step, not more: main params
-  that differ by summation order (about 1e-7) round to bf16 model params one ulp apart
-  in places, and the bf16 forward/backward of the step after turns that into gradients
-  about 0.3% apart (measured, from scratch as after a checkpoint): a comparison of bf16
-  models, not of the optimizer state.
+  pairing). One step, not more: main params that differ by summation order (about
+  1e-7) round to bf16 model params one ulp apart in places, and the bf16
+  forward/backward of the step after turns that into gradients about 0.3% apart
+  (measured, from scratch as after a checkpoint): a comparison of bf16 models, not of
+  the optimizer state.
 - A checkpoint saved by Megatron's own Adam, one without optimizer state, and a format
   muon_ds cannot hold fail with a clear error on every rank, not a hang.
 - Routing (TP=2 x DP=2): a checkpoint saved with the default routing, loaded by a run
@@ -37,6 +37,9 @@ True)``, ``dist_checkpointing.load``, ``load_state_dict``).
   both formats; except the one case torch's loader refuses first ("fully_reshardable",
   a Muon weight now AdamW, Megatron's default strictness: the checkpoint has no
   ``exp_avg_sq`` for it), where ``log_unexpected`` strictness reaches muon_ds's message.
+  The routing record each optimizer keeps in the common state names the dense model's
+  and the MoE experts' Muon weights (global expert ids, both EP ranks' experts); a
+  checkpoint without one (as written before muon_ds kept it) still loads.
 
 The "fully_reshardable" saves use Megatron's memory-efficient mode: the other one gathers
 over NCCL (``.cuda()``), which gloo ranks lack.
@@ -207,7 +210,9 @@ def _gathered(ddp, optimizer) -> dict[str, dict[str, np.ndarray]]:
 def _resume(
     shape: models.Shape, tp: int, ep: int, root: str, formats: tuple[str, ...], refusals: bool
 ) -> dict:
-    """Resume identity in each of ``formats``, then (``refusals``) the refused checkpoints."""
+    """Resume identity in each of ``formats``, the routing records of the last format's
+    common state (one per chained optimizer), then (``refusals``) the refused checkpoints."""
+    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     samples = [ps.get_data_parallel_rank()]
@@ -226,15 +231,19 @@ def _resume(
         identical[sharding] = len(resumed) == len(uninterrupted) and all(
             torch.equal(a, b) for a, b in zip(resumed, uninterrupted, strict=True)
         )
+    common = dist_checkpointing.load_common_state_dict(os.path.join(root, formats[-1]))
+    chained = common["optimizer"]  # one optimizer's state, or each one's by index
+    parts = [chained] if "optimizer" in chained else [chained[i] for i in sorted(chained)]
+    records = [part["optimizer"].get(ROUTING_RECORD) for part in parts]
     refused = _refusals(shape, tp, ep, root, samples) if refusals else {}
-    return {"identical": identical, "refusals": refused}
+    return {"identical": identical, "records": records, "refusals": refused}
 
 
 def _refusals(
     shape: models.Shape, tp: int, ep: int, root: str, samples: list[int]
 ) -> dict[str, Any]:
-    """The error each bad checkpoint or format raises on this rank; the routing records
-    the default checkpoint and a record-less one hold, and what loading the latter raises."""
+    """The error each bad checkpoint or format raises on this rank; for a checkpoint
+    without a routing record, the record it holds (none) and what loading it raises."""
     from megatron.core import dist_checkpointing
     from megatron.core.optimizer import get_megatron_optimizer
 
@@ -291,9 +300,10 @@ def _refusals(
         errors[f"unrecorded_{sharding}"] = _error_of(
             _load, *default, os.path.join(root, f"unrecorded_{sharding}")
         )
-    for checkpoint in ("fully_reshardable", "unrecorded_fully_reshardable"):
-        common = dist_checkpointing.load_common_state_dict(os.path.join(root, checkpoint))
-        errors[f"record_in_{checkpoint}"] = common["optimizer"]["optimizer"].get(ROUTING_RECORD)
+    common = dist_checkpointing.load_common_state_dict(
+        os.path.join(root, "unrecorded_fully_reshardable")
+    )
+    errors["unrecorded_record"] = common["optimizer"]["optimizer"].get(ROUTING_RECORD)
     return errors
 
 
@@ -571,18 +581,32 @@ def test_step_after_expert_dp_resharding_matches_the_uninterrupted_run(
             assert moved > 100 * TOLERANCE, (name, "the step after loading must move it")
 
 
-def test_routing_record_is_saved_and_one_without_it_still_loads(dense_tp2_dp2) -> None:
-    """The record names each layer's Muon weights by checkpoint key and layer index;
-    a checkpoint written before muon_ds kept one loads unchecked, in both formats."""
-    weights = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1")
-    expected = sorted(
+def test_routing_record_names_every_muon_weight_by_checkpoint_key_and_index(
+    dense_tp2_dp2, moe_ep2
+) -> None:
+    """Key in the model's sharded state dict, then its stacked layer (and global expert)
+    index: the same on every rank, both EP ranks' experts in the expert optimizer's."""
+    attention = ("self_attention.linear_qkv", "self_attention.linear_proj")
+    dense = sorted(
         f"decoder.layers.{weight}.weight[{layer}]"
-        for weight in (*weights, "mlp.linear_fc2")
+        for weight in (*attention, "mlp.linear_fc1", "mlp.linear_fc2")
         for layer in range(models.DENSE.layers)
     )
+    moe_dense = sorted(f"decoder.layers.{w}.weight[0]" for w in (*attention, "mlp.router"))
+    experts = sorted(
+        f"decoder.layers.mlp.experts.experts.linear_fc{fc}.weight[0, {expert}]"
+        for fc in (1, 2)
+        for expert in range(models.MOE.experts)
+    )
+    for result in dense_tp2_dp2:
+        assert result["records"] == [dense]
+    for result in moe_ep2:
+        assert result["records"] == [moe_dense, experts]
+
+
+def test_checkpoint_without_routing_record_still_loads(dense_tp2_dp2) -> None:
     for result in dense_tp2_dp2:
         refusals = result["refusals"]
-        assert refusals["record_in_fully_reshardable"] == expected
-        assert refusals["record_in_unrecorded_fully_reshardable"] is None
+        assert refusals["unrecorded_record"] is None  # the premise: no record written
         for sharding in FORMATS:
             assert refusals[f"unrecorded_{sharding}"] == "no error", sharding
