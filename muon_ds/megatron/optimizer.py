@@ -43,6 +43,7 @@ from muon_ds.megatron.views import (
     DENSE,
     DENSE_TP,
     EXPERT,
+    EXPERT_TP,
     ModelLayout,
     QkvSplit,
     megatron_route,
@@ -493,7 +494,8 @@ def get_muon_ds_optimizer(
     one logical matrix held by all DP x TP ranks, so it is exchanged over the
     tensor-and-data-parallel group (with context parallelism, whose ranks share the DP
     shards); a dense parameter whole on each TP rank over the DP group; an expert over the
-    expert-data-parallel group of its EP rank. The TP/DP x TP groups must be one
+    expert-data-parallel group of its EP rank, or, split over expert TP, over that group
+    times expert TP (``expert_tensor_and_data_group``). The TP/DP x TP groups must be one
     distributed-optimizer instance (``num_distributed_optimizer_instances == 1``).
     """
     if not config.use_distributed_optimizer:
@@ -563,12 +565,36 @@ def get_muon_ds_optimizer(
         data_parallel_group_gloo=groups["intra_dp_cp_group_gloo"],
         data_parallel_group_idx=get_pg_rank(groups["mp_group"]),
     )
+    expert_groups = {EXPERT: groups["intra_expt_dp_group"]}
+    if layout.local_experts and layout.expert_tp.size > 1:
+        expert_groups[EXPERT_TP] = expert_tensor_and_data_group(
+            parallel_state.get_expert_tensor_parallel_group(), groups["intra_expt_dp_group"]
+        )
     experts = build(
         True,
-        exchange_groups={EXPERT: groups["intra_expt_dp_group"]},
+        exchange_groups=expert_groups,
         data_parallel_group=groups["intra_expt_dp_group"],
         data_parallel_group_gloo=groups["intra_expt_dp_group_gloo"],
         data_parallel_group_idx=get_pg_rank(groups["expt_tp_pp_with_egtp_remat_group"]),
     )
     optimizers = [o for o in (dense, experts) if o is not None]
     return ChainedOptimizer(optimizers)
+
+
+def expert_tensor_and_data_group(
+    expert_tp: dist.ProcessGroup, expert_dp: dist.ProcessGroup
+) -> dist.ProcessGroup:
+    """Expert TP x expert DP: every rank holding a piece of one TP-split expert matrix.
+
+    Megatron keeps no such group. A rank's is the union of the expert-TP groups of its
+    expert-DP peers; every rank learns all of them and creates each once, in the same
+    order, as ``new_group`` requires. Collective over the world.
+    """
+    mine = (dist.get_process_group_ranks(expert_tp), dist.get_process_group_ranks(expert_dp))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    unions = sorted(
+        {tuple(sorted({r for peer in dp for r in everyone[peer][0]})) for _, dp in everyone}
+    )
+    created = {ranks: dist.new_group(list(ranks)) for ranks in unions}
+    return next(group for ranks, group in created.items() if dist.get_rank() in ranks)

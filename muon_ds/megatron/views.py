@@ -33,9 +33,10 @@ from muon_ds.layout import (
 QkvSplit = Literal["qkv", "per_head", "none"]
 """How a fused ``linear_qkv`` weight is cut: Q, K, V matrices; one matrix per head; whole."""
 
-DENSE, DENSE_TP, EXPERT = "dense", "dense_tp", "expert"
+DENSE, DENSE_TP, EXPERT, EXPERT_TP = "dense", "dense_tp", "expert", "expert_tp"
 """Exchange group names: DP (whole-on-each-TP-rank params), DP x TP (TP-split params),
-expert-DP (expert params)."""
+expert-DP (expert params whole on each expert-TP rank), expert-DP x expert-TP (expert
+params split over expert TP)."""
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _TE_GROUPED_EXPERT = re.compile(r"\.experts\.(linear_fc[12])\.weight(\d+)$")
@@ -168,17 +169,12 @@ def shard_views(
                 tp = tensor_parallel(model_param, layout)
                 start, end = param_ranges[model_param]
                 if is_expert(model_param):
-                    if tp.size > 1:
-                        raise NotImplementedError(
-                            f"{name}: expert tensor parallelism (size {tp.size}) is not "
-                            "supported yet; use --expert-tensor-parallel-size 1"
-                        )
-                    exchange = EXPERT
+                    exchange = EXPERT_TP if tp.size > 1 else EXPERT
                 else:
                     exchange = DENSE_TP if tp.size > 1 else DENSE
                 if (
                     model_param.ndim == 3
-                    and exchange == EXPERT
+                    and is_expert(model_param)
                     and _TE_SINGLE_GROUPED_EXPERTS.search(name)
                 ):
                     experts, rows, cols = model_param.shape
@@ -220,6 +216,13 @@ def _single_grouped_blocks(
     """A 3-D ``[experts, rows, cols]`` grouped weight: each expert's matrix (gate and up
     apart for a gated fc1), keyed by global expert so EP ranks' experts never merge."""
     experts = param.shape[0]
+    if layout.expert_tp.size > 1:
+        raise NotImplementedError(
+            f"{name}: 3-D grouped expert weights with expert tensor parallelism (size "
+            f"{layout.expert_tp.size}) are not supported; use --expert-tensor-parallel-size 1 "
+            "or per-expert weights (SequentialMLP, or TEGroupedMLP without "
+            "moe_single_grouped_weight)"
+        )
     if experts != layout.local_experts:
         raise NotImplementedError(
             f"{name}: a 3-D grouped expert weight {tuple(param.shape)} holds {experts} "
@@ -254,6 +257,7 @@ __all__ = [
     "DENSE",
     "DENSE_TP",
     "EXPERT",
+    "EXPERT_TP",
     "ModelLayout",
     "QkvSplit",
     "global_name",

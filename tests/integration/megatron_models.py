@@ -55,9 +55,15 @@ PLAIN = Shape(layers=2, ffn=128, gated=False)
 
 
 def build(
-    shape: Shape, tp: int, ep: int, distributed_optimizer: bool = True
+    shape: Shape,
+    tp: int,
+    ep: int,
+    distributed_optimizer: bool = True,
+    expert_tp: int | None = None,
 ) -> DistributedDataParallel:
     """A bf16 GPTModel (local spec, CPU init) wrapped in Megatron's DDP.
+
+    ``expert_tp``: expert tensor parallelism (Megatron's default: ``tp``).
 
     Every rank seeds alike, so TP ranks cut the same master weights and DP ranks agree.
     """
@@ -87,6 +93,7 @@ def build(
         tensor_model_parallel_size=tp,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        expert_tensor_parallel_size=expert_tp,
         **moe,
     )
     spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, normalization="RMSNorm")
@@ -171,11 +178,15 @@ def _is_expert(param: torch.Tensor) -> bool:
     return not getattr(param, "allreduce", True)
 
 
+def _tp_group(param: torch.Tensor) -> Any:
+    """The TP group a parameter is split over: expert TP for experts, else TP."""
+    if _is_expert(param):
+        return ps.get_expert_tensor_parallel_group()
+    return ps.get_tensor_model_parallel_group()
+
+
 def _tp_split(param: torch.Tensor) -> bool:
-    return (
-        getattr(param, "tensor_model_parallel", False)
-        and ps.get_tensor_model_parallel_world_size() > 1
-    )
+    return getattr(param, "tensor_model_parallel", False) and _tp_group(param).size() > 1
 
 
 def split_fused(name: str, full_by_tp: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,7 +240,6 @@ def logical(
 
     Collective over the TP and EP groups; every rank returns the same dict.
     """
-    tp = ps.get_tensor_model_parallel_world_size()
     ep = ps.get_expert_model_parallel_world_size()
     local_experts = (get_model_config(ddp).num_moe_experts or 0) // ep
     result: dict[str, torch.Tensor] = {}
@@ -237,20 +247,24 @@ def logical(
         local = value(param).detach().float().clone()
         by_tp = [local]
         if _tp_split(param):
-            by_tp = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(by_tp, local, group=ps.get_tensor_model_parallel_group())
+            group = _tp_group(param)
+            by_tp = [torch.empty_like(local) for _ in range(group.size())]
+            dist.all_gather(by_tp, local, group=group)
         by_ep = {name: by_tp}
         if _is_expert(param):
-            gathered = [torch.empty_like(local) for _ in range(ep)]
-            dist.all_gather(gathered, local, group=ps.get_expert_model_parallel_group())
+            # over_ep[t][r]: EP rank r's piece on expert-TP rank t.
+            over_ep = [[torch.empty_like(local) for _ in range(ep)] for _ in by_tp]
+            for gathered, piece in zip(over_ep, by_tp, strict=True):
+                dist.all_gather(gathered, piece, group=ps.get_expert_model_parallel_group())
+            by_rank = [[gathered[r] for gathered in over_ep] for r in range(ep)]
             if param.ndim == 3:
                 by_ep = {
-                    expert_name(name, r, local_experts, e): [gathered[r][e]]
+                    expert_name(name, r, local_experts, e): [piece[e] for piece in by_rank[r]]
                     for r in range(ep)
                     for e in range(local_experts)
                 }
             else:
-                by_ep = {expert_name(name, r, local_experts): [gathered[r]] for r in range(ep)}
+                by_ep = {expert_name(name, r, local_experts): by_rank[r] for r in range(ep)}
         for key, tensors in by_ep.items():
             split = split_fused(key, tensors)
             if split:
@@ -270,8 +284,8 @@ def local(
 ) -> torch.Tensor:
     """This rank's TP/EP-local tensor of ``param`` taken from the logical view."""
     split = _tp_split(param)
-    tp = ps.get_tensor_model_parallel_world_size() if split else 1
-    tp_rank = ps.get_tensor_model_parallel_rank() if split else 0
+    tp = _tp_group(param).size() if split else 1
+    tp_rank = _tp_group(param).rank() if split else 0
     if _is_expert(param):
         ep = ps.get_expert_model_parallel_world_size()
         ep_rank = ps.get_expert_model_parallel_rank()

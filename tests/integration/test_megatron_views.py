@@ -16,6 +16,7 @@ from muon_ds.megatron.views import (
     DENSE,
     DENSE_TP,
     EXPERT,
+    EXPERT_TP,
     ModelLayout,
     global_name,
     megatron_route,
@@ -184,11 +185,19 @@ def test_weights_whose_matrices_cannot_be_cut_out_are_refused() -> None:
         _views(grouped_3d, _layout())
 
 
-def test_expert_tensor_parallelism_is_refused() -> None:
-    layout = ModelLayout(**{**_layout().__dict__, "expert_tp": TensorParallel(0, 2)})
+def test_experts_split_over_expert_tp_are_exchanged_over_expert_tp_and_dp() -> None:
+    layout = ModelLayout(**{**_layout().__dict__, "expert_tp": TensorParallel(1, 2)})
     expert = _param((HIDDEN, 8), tensor_model_parallel=True, partition_dim=1, allreduce=False)
+    name = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"
+    view = _views({name: expert}, layout)["decoder.layers.0.mlp.experts.3.linear_fc2.weight"]
+    assert (view.group, view.tp) == (EXPERT_TP, TensorParallel(1, 2, 1))
+
+
+def test_3d_grouped_weights_with_expert_tensor_parallelism_are_refused() -> None:
+    layout = ModelLayout(**{**_layout().__dict__, "expert_tp": TensorParallel(0, 2)})
+    fc2 = _param((3, HIDDEN, 4), tensor_model_parallel=True, partition_dim=1, allreduce=False)
     with pytest.raises(NotImplementedError, match="expert tensor parallelism"):
-        _views({"decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight": expert}, layout)
+        _views({"decoder.layers.0.mlp.experts.linear_fc2.weight": fc2}, layout)
 
 
 def test_routing_megatron_tag_moonlight_rule_and_router_by_config() -> None:
