@@ -111,6 +111,8 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         super().__init__(holder, config, None, init_muon_state, **distributed_optimizer_args)
         self._muon_params = muon_params
         self._muon_record: list[str] | None = None  # set by sharded_state_dict
+        tp = layout.expert_tp if EXPERT in exchange_groups else layout.tp
+        self._records_routing = tp.rank == 0 and self.data_parallel_group.rank() == 0
         self._loading_checkpoint = False
         shard_groups = self.optimizer.param_groups
         self._make_fp32_shards_leaves(shard_groups)
@@ -275,26 +277,37 @@ class MuonDistributedOptimizer(DistributedOptimizer):
 
     def _routing_record(self, model_sharded_state_dict: ShardedStateDict) -> list[str]:
         """The checkpoint names of every parameter this optimizer routes to Muon, on any
-        rank (see the block above ``sharded_state_dict``). Collective over the world."""
+        rank (see the block above ``sharded_state_dict``). Collective over the world.
+
+        TP ranks and DP replicas name the same parameters, so only one TP rank of one DP
+        replica per pipeline stage and EP rank contributes: the gathered record is the
+        model's size, not the world's.
+        """
         tensors, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
         by_param = {sharded.data: sharded for sharded in nested_values(tensors)}
-        local = []
+        local, missing = [], []
         for param, name in self._muon_params.items():
             sharded = by_param.get(param)
             if sharded is None:
-                raise ValueError(
-                    f"muon_ds: Muon parameter {name} is not in the model's sharded state "
-                    "dict, so its route cannot be recorded; pass the model's own "
-                    "sharded_state_dict() (it references the parameters)"
-                )
+                missing.append(name)
+                continue
+            if not self._records_routing:
+                continue
             if isinstance(sharded, ShardedTensorFactory):  # e.g. gated fc1: gate and up
                 built = sharded.build()
                 sharded = next(nested_values(built)) if isinstance(built, dict | list) else built
             stacked = list(sharded.global_offset[: sharded.prepend_axis_num])
             local.append(f"{sharded.key}{stacked}" if stacked else sharded.key)
-        everyone: list[list[str] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, local)
-        return sorted(set().union(*everyone))
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (local, missing))
+        missing = sorted({name for _, names in everyone for name in names})
+        if missing:  # raised on every rank alike
+            raise ValueError(
+                f"muon_ds: Muon parameters {missing[:_NAMES_SHOWN]} are not in the model's "
+                "sharded state dict, so their route cannot be recorded; pass the model's "
+                "own sharded_state_dict() (it references the parameters)"
+            )
+        return sorted({name for names, _ in everyone for name in names})
 
     def _check_routing(self, saved: Sequence[str]) -> None:
         """Refuse a checkpoint whose Muon parameters are not this run's, naming them."""
