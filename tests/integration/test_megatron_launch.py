@@ -115,6 +115,23 @@ def test_moe_ep2_trains_with_muon_ds_through_pretrain() -> None:
     _assert_muon_ds_ran(run, MOE_MATRICES)
 
 
+def test_pp2_dp2_trains_with_muon_ds_through_pretrain() -> None:
+    """Pipeline parallelism: each stage's optimizer orthogonalises its own layer's
+    matrices, so over the world each is still done once a step, and each stage's two
+    ranks (Megatron puts PP outermost: ranks 0, 1 and 2, 3) share one layer's seven.
+    Untied embeddings: with PP, Megatron's tied-embedding setup moves the weight to CUDA."""
+    run = _launch(
+        *("--pipeline-model-parallel-size", "2", "--untie-embeddings-and-output-weights"),
+        TP="1",
+        EP="1",
+    )
+    _assert_trains(run)
+    _assert_muon_ds_ran(run, DENSE_MATRICES)
+    by_rank = _ns_by_rank(run)
+    per_layer = DENSE_MATRICES // LAYERS
+    assert by_rank[0] + by_rank[1] == by_rank[2] + by_rank[3] == per_layer * STEPS, by_rank
+
+
 def test_muon_impl_megatron_follows_the_same_losses_with_moonlight_settings(
     dense_muon_ds,
 ) -> None:
