@@ -60,10 +60,13 @@ def build(
     ep: int,
     distributed_optimizer: bool = True,
     expert_tp: int | None = None,
+    pp: int = 1,
 ) -> DistributedDataParallel:
     """A bf16 GPTModel (local spec, CPU init) wrapped in Megatron's DDP.
 
-    ``expert_tp``: expert tensor parallelism (Megatron's default: ``tp``).
+    ``expert_tp``: expert tensor parallelism (Megatron's default: ``tp``). ``pp``: this
+    rank's pipeline stage of the layers; embeddings untied under PP (Megatron's tied
+    embedding sync across stages moves the weight to CUDA).
 
     Every rank seeds alike, so TP ranks cut the same master weights and DP ranks agree.
     """
@@ -94,11 +97,20 @@ def build(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         expert_tensor_parallel_size=expert_tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.bfloat16 if pp > 1 else None,
         **moe,
     )
     spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, normalization="RMSNorm")
     model = GPTModel(
-        config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope"
+        config,
+        spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=pp == 1,
     )
     if shape.single_grouped_weight:
         for layer in model.decoder.layers:
@@ -147,17 +159,32 @@ class SingleGroupedExperts(torch.nn.Module):
         return torch.cat(outputs), None
 
 
-def forward_backward(ddp: DistributedDataParallel, step: int) -> float:
-    """One micro-batch per DP rank (TP ranks of one DP rank see the same tokens)."""
+def forward_backward(ddp: DistributedDataParallel, step: int) -> None:
+    """One micro-batch per DP rank (TP ranks and pipeline stages of one DP rank see the
+    same tokens), through Megatron's pipeline schedule when there are stages."""
     generator = torch.Generator().manual_seed(100 * step + ps.get_data_parallel_rank())
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
     positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
     mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
     ddp.zero_grad_buffer()
-    loss = ddp(ids, positions, mask, labels=ids).float().mean()
-    loss.backward()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        ddp(ids, positions, mask, labels=ids).float().mean().backward()
+    else:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(_: Any, model: DistributedDataParallel) -> tuple[torch.Tensor, Any]:
+            output = model(ids, positions, mask, labels=ids)
+            return output, lambda losses: (losses.float().mean(), {})
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=None,
+            model=[ddp],
+            num_microbatches=1,
+            seq_length=SEQ,
+            micro_batch_size=BATCH,
+        )
     ddp.finish_grad_sync()
-    return loss.item()
 
 
 def all_gather_grad_buffers(ddp: DistributedDataParallel) -> None:

@@ -7,6 +7,8 @@ Alongside, every rank runs single-process ``muon_ds.Muon`` on the unsharded mode
 QKV, gate/up and experts (SequentialMLP's, or TEGroupedMLP's single 3-D grouped weights as
 ``megatron_models.SingleGroupedExperts`` lays them out) split explicitly by the test
 (``megatron_models``), fed the same averaged gradients, clipped by ``clip_grad_norm_``.
+With pipeline stages each rank's reference is its own stage's model, trained through
+Megatron's pipeline schedule and clipped by the norm over all stages.
 Tolerance: Newton-Schulz in fp32, so only summation order differs: main params within
 1e-5, the reported grad norm within 1e-5 relative; the bf16 model params are the main
 params rounded.
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from muon_ds import Muon, MuonConfig
 from tests.dist.zero1 import run_ranks
@@ -49,6 +52,7 @@ def _train(
     ep: int,
     hook: bool,
     expert_tp: int | None = None,
+    pp: int = 1,
 ) -> dict[str, Any]:
     """``hook``: build through ``megatron.training``'s ``get_megatron_optimizer`` name, as
     the launch entry does after ``use_muon_ds``; else call ``get_muon_ds_optimizer``."""
@@ -64,9 +68,10 @@ def _train(
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=expert_tp,
+        pipeline_model_parallel_size=pp,
     )
     try:
-        ddp = models.build(shape, tp, ep, expert_tp=expert_tp)
+        ddp = models.build(shape, tp, ep, expert_tp=expert_tp, pp=pp)
         optimizer_config = models.optimizer_config(LR, WEIGHT_DECAY, clip_grad=CLIP)
         if hook:
             from megatron.training import training
@@ -88,7 +93,7 @@ def _train(
             scheduler.step(1)
             for name, param in ref_params.items():
                 param.grad = grads[name]
-            ref_norm = torch.nn.utils.clip_grad_norm_(list(ref_params.values()), CLIP).item()
+            ref_norm = _clip_over_stages(list(ref_params.values()))
             reference.step()
             norms.append((success, grad_norm, ref_norm))
         report = _report(ddp, optimizer, reference, ref_params, norms)
@@ -98,6 +103,18 @@ def _train(
         return report
     finally:
         ps.destroy_model_parallel()
+
+
+def _clip_over_stages(params: list[torch.Tensor]) -> float:
+    """``clip_grad_norm_`` with the norm over every pipeline stage's parameters (each
+    stage's reference holds only its own), as Megatron's grad norm is."""
+    from megatron.core import parallel_state as ps
+
+    square = torch.stack([p.grad.pow(2).sum() for p in params]).sum()
+    dist.all_reduce(square, group=ps.get_pipeline_model_parallel_group())
+    norm = square.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, CLIP, norm)
+    return norm.item()
 
 
 def _count_param_syncs(ddp) -> dict[int, int]:
@@ -204,6 +221,12 @@ def moe_ep2() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
+def dense_pp2_tp2() -> list[dict[str, Any]]:
+    """Two pipeline stages of one layer each, TP=2 within a stage, DP=1."""
+    return run_ranks(4, _train, models.DENSE, 2, 1, False, None, 2)
+
+
+@pytest.fixture(scope="module")
 def moe_expert_tp2() -> list[dict[str, Any]]:
     """Expert TP = 2, expert-DP = 2 (dense DP = 4): expert matrices are split over expert
     TP and their ZeRO shards over expert DP. (Attention TP stays 1: Megatron wants
@@ -231,6 +254,10 @@ def test_ep2_moe_gpt_equals_single_process_muon_on_unsharded_model(moe_ep2) -> N
     _assert_equal_to_reference(moe_ep2)
 
 
+def test_pp2_tp2_dense_gpt_equals_single_process_muon_on_each_stage(dense_pp2_tp2) -> None:
+    _assert_equal_to_reference(dense_pp2_tp2)
+
+
 def test_expert_tp2_moe_gpt_equals_single_process_muon_on_unsharded_model(moe_expert_tp2) -> None:
     _assert_equal_to_reference(moe_expert_tp2)
     # Megatron's expert TP group is the one the experts are split over.
@@ -254,8 +281,10 @@ def test_training_setup_hook_builds_dense_and_expert_muon_ds_optimizers(moe_ep2)
         assert result["optimizers"] == ["MuonDistributedOptimizer"] * 2
 
 
-def test_step_clips_raw_gradients_and_reports_their_norm(dense_tp2_dp2, moe_ep2) -> None:
-    for result in (*dense_tp2_dp2, *moe_ep2):
+def test_step_clips_raw_gradients_and_reports_their_norm(
+    dense_tp2_dp2, moe_ep2, dense_pp2_tp2
+) -> None:
+    for result in (*dense_tp2_dp2, *moe_ep2, *dense_pp2_tp2):
         for success, grad_norm, ref_norm in result["norms"]:
             assert success is True
             assert grad_norm == pytest.approx(ref_norm, rel=TOLERANCE)
@@ -263,7 +292,7 @@ def test_step_clips_raw_gradients_and_reports_their_norm(dense_tp2_dp2, moe_ep2)
 
 
 def test_newton_schulz_runs_once_per_logical_matrix(
-    dense_tp2_dp2, moe_ep2, moe_ep2_3d, moe_expert_tp2
+    dense_tp2_dp2, moe_ep2, moe_ep2_3d, moe_expert_tp2, dense_pp2_tp2
 ) -> None:
     # Dense, per layer: Q, K, V, proj, gate, up, fc2. MoE, per layer: Q, K, V, proj, router,
     # and gate, up, fc2 of every expert.
@@ -276,6 +305,10 @@ def test_newton_schulz_runs_once_per_logical_matrix(
     ):
         assert results[0]["reference_matrices"] == matrices
         assert sum(r["ns_matrices"] for r in results) == matrices * STEPS
+    # Each pipeline stage (ranks 0, 1 and 2, 3) orthogonalises its own layer's matrices.
+    assert [r["reference_matrices"] for r in dense_pp2_tp2] == [7] * 4
+    stage_ns = [sum(r["ns_matrices"] for r in dense_pp2_tp2[s : s + 2]) for s in (0, 2)]
+    assert stage_ns == [7 * STEPS] * 2
 
 
 def test_each_bucket_group_gathers_its_parameters_once_per_step(dense_tp2_dp2, moe_ep2) -> None:
@@ -287,7 +320,7 @@ def test_each_bucket_group_gathers_its_parameters_once_per_step(dense_tp2_dp2, m
 
 
 def test_exchange_bytes_equal_plan_prediction(
-    dense_tp2_dp2, moe_ep2, moe_ep2_3d, moe_expert_tp2
+    dense_tp2_dp2, moe_ep2, moe_ep2_3d, moe_expert_tp2, dense_pp2_tp2
 ) -> None:
-    for result in (*dense_tp2_dp2, *moe_ep2, *moe_ep2_3d, *moe_expert_tp2):
+    for result in (*dense_tp2_dp2, *moe_ep2, *moe_ep2_3d, *moe_expert_tp2, *dense_pp2_tp2):
         assert result["bytes"] == result["predicted"]
