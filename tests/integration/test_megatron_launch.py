@@ -7,8 +7,9 @@ Megatron's per-iteration ``lm loss`` and validation loss, muon_ds's effective-co
 ``LAYERS`` layers with separate Q/K/V (query groups), gated fc1 (gate, up) and fc2 in
 every layer; the MoE variant has ``EXPERTS`` SequentialMLP experts and a router instead of
 the dense MLP. Every logical matrix is orthogonalised exactly once per step in the whole
-world, so the ranks' counts add up to matrices x steps. The resume test interrupts the
-dense run with Megatron's own ``--save``/``--exit-interval`` and continues it with ``--load``.
+world, so the ranks' counts add up to matrices x steps (also with two pipeline stages).
+The resume tests interrupt the dense TP=2 and PP=2 runs with Megatron's own
+``--save``/``--exit-interval`` and continue them with ``--load``.
 """
 
 from __future__ import annotations
@@ -115,16 +116,21 @@ def test_moe_ep2_trains_with_muon_ds_through_pretrain() -> None:
     _assert_muon_ds_ran(run, MOE_MATRICES)
 
 
-def test_pp2_dp2_trains_with_muon_ds_through_pretrain() -> None:
+PIPELINE = ("--pipeline-model-parallel-size", "2", "--untie-embeddings-and-output-weights")
+"""PP=2 x DP=2. Untied embeddings: with PP, Megatron's tied-embedding setup moves the
+weight to CUDA."""
+
+
+@pytest.fixture(scope="module")
+def pp2_muon_ds() -> subprocess.CompletedProcess:
+    return _launch(*PIPELINE, TP="1", EP="1")
+
+
+def test_pp2_dp2_trains_with_muon_ds_through_pretrain(pp2_muon_ds) -> None:
     """Pipeline parallelism: each stage's optimizer orthogonalises its own layer's
     matrices, so over the world each is still done once a step, and each stage's two
-    ranks (Megatron puts PP outermost: ranks 0, 1 and 2, 3) share one layer's seven.
-    Untied embeddings: with PP, Megatron's tied-embedding setup moves the weight to CUDA."""
-    run = _launch(
-        *("--pipeline-model-parallel-size", "2", "--untie-embeddings-and-output-weights"),
-        TP="1",
-        EP="1",
-    )
+    ranks (Megatron puts PP outermost: ranks 0, 1 and 2, 3) share one layer's seven."""
+    run = pp2_muon_ds
     _assert_trains(run)
     _assert_muon_ds_ran(run, DENSE_MATRICES)
     by_rank = _ns_by_rank(run)
@@ -277,3 +283,21 @@ def test_resume_through_megatron_checkpointing_continues_the_uninterrupted_run(
     _assert_continues(resharded, dense_muon_ds, RESHARDED_AT, rel_tol=1e-4)
     first = _logged(_ITERATION, resharded)[RESHARDED_AT + 1]
     assert math.isclose(first, _losses(dense_muon_ds)[RESHARDED_AT], rel_tol=1e-6), first
+
+
+def test_pp2_resume_through_megatron_checkpointing_continues_the_uninterrupted_run(
+    pp2_muon_ds, tmp_path: Path
+) -> None:
+    """As the dense resume above, with two pipeline stages: each stage saves and loads its
+    own layers' optimizer state, and the routing record of both stages is one."""
+    interrupted = _launch(
+        *PIPELINE,
+        *("--save", str(tmp_path), "--save-interval", str(SAVED_AT)),
+        *("--exit-interval", str(SAVED_AT)),
+        TP="1",
+        EP="1",
+    )
+    _assert_saved(interrupted, tmp_path, SAVED_AT)
+    resumed = _launch(*PIPELINE, "--load", str(tmp_path), TP="1", EP="1")
+    _assert_resumed(resumed, tmp_path, SAVED_AT)
+    _assert_continues(resumed, pp2_muon_ds, SAVED_AT, rel_tol=0.0)
