@@ -7,8 +7,8 @@ Megatron's per-iteration ``lm loss`` and validation loss, muon_ds's effective-co
 ``LAYERS`` layers with separate Q/K/V (query groups), gated fc1 (gate, up) and fc2 in
 every layer; the MoE variant has ``EXPERTS`` SequentialMLP experts and a router instead of
 the dense MLP. Every logical matrix is orthogonalised exactly once per step in the whole
-world, so the ranks' counts add up to matrices x steps (also with two pipeline stages).
-The resume tests interrupt the dense TP=2 and PP=2 runs with Megatron's own
+world, so the ranks' counts add up to matrices x steps (also with two interleaved pipeline stages).
+The resume tests interrupt the dense TP=2 and interleaved PP=2 runs with Megatron's own
 ``--save``/``--exit-interval`` and continue them with ``--load``.
 """
 
@@ -116,9 +116,13 @@ def test_moe_ep2_trains_with_muon_ds_through_pretrain() -> None:
     _assert_muon_ds_ran(run, MOE_MATRICES)
 
 
-PIPELINE = ("--pipeline-model-parallel-size", "2", "--untie-embeddings-and-output-weights")
-"""PP=2 x DP=2. Untied embeddings: with PP, Megatron's tied-embedding setup moves the
-weight to CUDA."""
+PIPELINE = (
+    *("--pipeline-model-parallel-size", "2", "--untie-embeddings-and-output-weights"),
+    *("--num-layers", str(2 * LAYERS), "--num-virtual-stages-per-pipeline-rank", "2"),
+)
+"""PP=2 x DP=2, interleaved: twice the layers, two model chunks of one layer per rank.
+Untied embeddings: with PP, Megatron's tied-embedding setup moves the weight to CUDA."""
+PIPELINE_MATRICES = 2 * DENSE_MATRICES
 
 
 @pytest.fixture(scope="module")
@@ -126,16 +130,16 @@ def pp2_muon_ds() -> subprocess.CompletedProcess:
     return _launch(*PIPELINE, TP="1", EP="1")
 
 
-def test_pp2_dp2_trains_with_muon_ds_through_pretrain(pp2_muon_ds) -> None:
-    """Pipeline parallelism: each stage's optimizer orthogonalises its own layer's
-    matrices, so over the world each is still done once a step, and each stage's two
-    ranks (Megatron puts PP outermost: ranks 0, 1 and 2, 3) share one layer's seven."""
+def test_interleaved_pp2_dp2_trains_with_muon_ds_through_pretrain(pp2_muon_ds) -> None:
+    """Pipeline parallelism with virtual stages: each stage's optimizer orthogonalises
+    its own two chunks' matrices, so over the world each is still done once a step, and
+    each stage's two ranks (Megatron puts PP outermost: ranks 0, 1 and 2, 3) share half."""
     run = pp2_muon_ds
     _assert_trains(run)
-    _assert_muon_ds_ran(run, DENSE_MATRICES)
+    _assert_muon_ds_ran(run, PIPELINE_MATRICES)
     by_rank = _ns_by_rank(run)
-    per_layer = DENSE_MATRICES // LAYERS
-    assert by_rank[0] + by_rank[1] == by_rank[2] + by_rank[3] == per_layer * STEPS, by_rank
+    per_stage = PIPELINE_MATRICES // 2 * STEPS
+    assert by_rank[0] + by_rank[1] == by_rank[2] + by_rank[3] == per_stage, by_rank
 
 
 def test_muon_impl_megatron_follows_the_same_losses_with_moonlight_settings(
@@ -197,11 +201,16 @@ def _assert_saved(run: subprocess.CompletedProcess, directory: Path, iteration: 
     assert saved in run.stdout, run.stdout[-3000:]
 
 
-def _assert_resumed(run: subprocess.CompletedProcess, directory: Path, iteration: int) -> None:
+def _assert_resumed(
+    run: subprocess.CompletedProcess,
+    directory: Path,
+    iteration: int,
+    matrices: int = DENSE_MATRICES,
+) -> None:
     """Megatron says it loaded the checkpoint of ``iteration``; muon_ds ran the rest."""
     loaded = rf"successfully loaded checkpoint from {re.escape(str(directory))} \[.*\] at iteration"
     assert re.search(rf"{loaded} {iteration}\n", run.stdout), run.stdout[-3000:]
-    assert sum(_ns_by_rank(run).values()) == DENSE_MATRICES * (STEPS - iteration)
+    assert sum(_ns_by_rank(run).values()) == matrices * (STEPS - iteration)
 
 
 def _assert_continues(
@@ -285,11 +294,11 @@ def test_resume_through_megatron_checkpointing_continues_the_uninterrupted_run(
     assert math.isclose(first, _losses(dense_muon_ds)[RESHARDED_AT], rel_tol=1e-6), first
 
 
-def test_pp2_resume_through_megatron_checkpointing_continues_the_uninterrupted_run(
+def test_interleaved_pp2_resume_through_megatron_checkpointing_continues_the_uninterrupted_run(
     pp2_muon_ds, tmp_path: Path
 ) -> None:
-    """As the dense resume above, with two pipeline stages: each stage saves and loads its
-    own layers' optimizer state, and the routing record of both stages is one."""
+    """As the dense resume above, with two interleaved pipeline stages: each stage saves
+    and loads its own chunks' optimizer state, and the routing record of both is one."""
     interrupted = _launch(
         *PIPELINE,
         *("--save", str(tmp_path), "--save-interval", str(SAVED_AT)),
@@ -299,5 +308,5 @@ def test_pp2_resume_through_megatron_checkpointing_continues_the_uninterrupted_r
     )
     _assert_saved(interrupted, tmp_path, SAVED_AT)
     resumed = _launch(*PIPELINE, "--load", str(tmp_path), TP="1", EP="1")
-    _assert_resumed(resumed, tmp_path, SAVED_AT)
+    _assert_resumed(resumed, tmp_path, SAVED_AT, PIPELINE_MATRICES)
     _assert_continues(resumed, pp2_muon_ds, SAVED_AT, rel_tol=0.0)
