@@ -142,6 +142,15 @@ def test_interleaved_pp2_dp2_trains_with_muon_ds_through_pretrain(pp2_muon_ds) -
     assert by_rank[0] + by_rank[1] == by_rank[2] + by_rank[3] == per_stage, by_rank
 
 
+def test_overlapped_grad_reduce_and_param_gather_give_the_same_losses(dense_muon_ds) -> None:
+    """``--overlap-grad-reduce --overlap-param-gather`` (what large runs use) move the same
+    reductions and gathers into backward and the next forward: the same arithmetic, so
+    exactly the same losses (measured: equal to every printed digit)."""
+    run = _launch("--overlap-grad-reduce", "--overlap-param-gather", TP="2", EP="1")
+    _assert_muon_ds_ran(run, DENSE_MATRICES)
+    assert _losses(run) == _losses(dense_muon_ds)
+
+
 def test_muon_impl_megatron_follows_the_same_losses_with_moonlight_settings(
     dense_muon_ds,
 ) -> None:
