@@ -42,6 +42,7 @@ from muon_ds.megatron.arguments import (
     add_muon_ds_args,
     muon_config_from_args,
     qkv_split_from_args,
+    tp_mode_from_args,
     use_muon_ds,
 )
 
@@ -272,7 +273,7 @@ def main() -> None:
     muon_config = muon_config_from_args(args)
     built: list[Any] = []
     if muon_config is not None:
-        use_muon_ds(muon_config, qkv_split_from_args(args))
+        use_muon_ds(muon_config, qkv_split_from_args(args), tp_mode_from_args(args))
         remember_optimizer(built)
     pretrain(
         pretrain_cfg_container_from_args(args),

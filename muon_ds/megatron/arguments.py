@@ -19,9 +19,10 @@ import argparse
 from typing import Any
 
 from muon_ds.config import MuonConfig
-from muon_ds.megatron.views import QkvSplit
+from muon_ds.megatron.views import QkvSplit, TpMode
 
 _MEGATRON_DEFAULTS = "muon_ds_megatron_defaults"
+_TP_MODE = "muon_ds_tp_mode"
 _REUSED = (
     "muon_momentum",
     "muon_nesterov",
@@ -104,6 +105,8 @@ def muon_config_from_args(args: argparse.Namespace) -> MuonConfig | None:
         config = MuonConfig(**_passed(args))
         if args.rank == 0:
             print(f"muon_ds: effective {config}", flush=True)
+    # Read before Megatron's default ("blockwise") fills an unpassed --muon-tp-mode in.
+    setattr(args, _TP_MODE, "blockwise" if args.muon_tp_mode == "blockwise" else "whole")
     # Megatron's own code reads these (OptimizerConfig, its Muon): never leave them None.
     for dest, default in getattr(args, _MEGATRON_DEFAULTS).items():
         if getattr(args, dest) is None:
@@ -169,11 +172,6 @@ def _refuse(args: argparse.Namespace) -> None:
             "0.2 (Moonlight, the default) and 1.0",
         ),
         (
-            args.muon_tp_mode == "blockwise",
-            "--muon-tp-mode blockwise: muon_ds orthogonalises the whole TP-split matrix, "
-            "once (as 'duplicated' does, without the duplication); omit the flag",
-        ),
-        (
             args.muon_scalar_optimizer not in (None, "adam"),
             f"--muon-scalar-optimizer {args.muon_scalar_optimizer}: muon_ds uses AdamW",
         ),
@@ -183,7 +181,17 @@ def _refuse(args: argparse.Namespace) -> None:
         raise ValueError("muon_ds: " + "; ".join(problems))
 
 
-def use_muon_ds(config: MuonConfig, qkv_split: QkvSplit) -> None:
+def tp_mode_from_args(args: argparse.Namespace) -> TpMode:
+    """``--muon-tp-mode blockwise``: each TP rank's block alone. Unpassed, ``duplicated``
+    or ``distributed``: the whole logical matrix, once (what those two modes compute,
+    without their repeated or distributed Newton-Schulz). Call after
+    ``muon_config_from_args``, which reads the flag before Megatron's default fills it."""
+    if not hasattr(args, _TP_MODE):
+        raise RuntimeError("muon_ds: call muon_config_from_args(args) before tp_mode_from_args")
+    return getattr(args, _TP_MODE)
+
+
+def use_muon_ds(config: MuonConfig, qkv_split: QkvSplit, tp_mode: TpMode = "whole") -> None:
     """Make ``megatron.training``'s setup build muon_ds instead of Megatron's optimizer.
 
     ``setup_model_and_optimizer`` looks ``get_megatron_optimizer`` up in its module at
@@ -209,6 +217,7 @@ def use_muon_ds(config: MuonConfig, qkv_split: QkvSplit) -> None:
             config_overrides=config_overrides,
             use_gloo_process_groups=use_gloo_process_groups,
             qkv_split=qkv_split,
+            tp_mode=tp_mode,
         )
 
     training.get_megatron_optimizer = build
@@ -218,5 +227,6 @@ __all__ = [
     "add_muon_ds_args",
     "muon_config_from_args",
     "qkv_split_from_args",
+    "tp_mode_from_args",
     "use_muon_ds",
 ]

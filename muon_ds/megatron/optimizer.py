@@ -46,6 +46,7 @@ from muon_ds.megatron.views import (
     EXPERT_TP,
     ModelLayout,
     QkvSplit,
+    TpMode,
     megatron_route,
     shard_views,
 )
@@ -466,7 +467,9 @@ def split_by_route(
     return split
 
 
-def model_layout(model_chunks: Sequence[torch.nn.Module], qkv_split: QkvSplit) -> ModelLayout:
+def model_layout(
+    model_chunks: Sequence[torch.nn.Module], qkv_split: QkvSplit, tp_mode: TpMode = "whole"
+) -> ModelLayout:
     """Attention shape, gating and this rank's TP/EP coordinates, from Megatron."""
     config = get_model_config(model_chunks[0])
     experts = config.num_moe_experts or 0
@@ -487,6 +490,7 @@ def model_layout(model_chunks: Sequence[torch.nn.Module], qkv_split: QkvSplit) -
         ep_rank=parallel_state.get_expert_model_parallel_rank(),
         local_experts=experts // ep_size,
         qkv_split=qkv_split,
+        tp_mode=tp_mode,
     )
 
 
@@ -498,6 +502,7 @@ def get_muon_ds_optimizer(
     config_overrides: dict | None = None,
     use_gloo_process_groups: bool = True,
     qkv_split: QkvSplit = "qkv",
+    tp_mode: TpMode = "whole",
 ) -> ChainedOptimizer:
     """muon_ds for DDP-wrapped Megatron model chunks, in place of ``get_megatron_optimizer``.
 
@@ -510,6 +515,8 @@ def get_muon_ds_optimizer(
     expert-data-parallel group of its EP rank, or, split over expert TP, over that group
     times expert TP (``expert_tensor_and_data_group``). The TP/DP x TP groups must be one
     distributed-optimizer instance (``num_distributed_optimizer_instances == 1``).
+    ``tp_mode="blockwise"`` makes each TP rank's block of a TP-split weight its own
+    matrix (exchanged over the DP group alone), as Megatron's blockwise mode does.
     """
     if not config.use_distributed_optimizer:
         raise ValueError("muon_ds needs --use-distributed-optimizer (ZeRO-1 sharded state)")
@@ -534,7 +541,7 @@ def get_muon_ds_optimizer(
             f"{data_parallel.size()} x TP {tp_size}: muon_ds needs one distributed-optimizer "
             "instance and no GTP weight rematerialisation"
         )
-    layout = model_layout(model_chunks, qkv_split)
+    layout = model_layout(model_chunks, qkv_split, tp_mode)
     names = {}
     for index, chunk in enumerate(model_chunks):
         for name, param in chunk.named_parameters():
@@ -579,7 +586,7 @@ def get_muon_ds_optimizer(
         data_parallel_group_idx=get_pg_rank(groups["mp_group"]),
     )
     expert_groups = {EXPERT: groups["intra_expt_dp_group"]}
-    if layout.local_experts and layout.expert_tp.size > 1:
+    if layout.local_experts and layout.expert_tp.size > 1 and tp_mode == "whole":
         expert_groups[EXPERT_TP] = expert_tensor_and_data_group(
             parallel_state.get_expert_tensor_parallel_group(), groups["intra_expt_dp_group"]
         )

@@ -33,6 +33,10 @@ from muon_ds.layout import (
 QkvSplit = Literal["qkv", "per_head", "none"]
 """How a fused ``linear_qkv`` weight is cut: Q, K, V matrices; one matrix per head; whole."""
 
+TpMode = Literal["whole", "blockwise"]
+"""A TP-split weight is orthogonalised as the whole logical matrix, once (muon_ds's
+default), or each TP rank's block alone (Megatron's ``--muon-tp-mode blockwise``)."""
+
 DENSE, DENSE_TP, EXPERT, EXPERT_TP = "dense", "dense_tp", "expert", "expert_tp"
 """Exchange group names: DP (whole-on-each-TP-rank params), DP x TP (TP-split params),
 expert-DP (expert params whole on each expert-TP rank), expert-DP x expert-TP (expert
@@ -70,6 +74,7 @@ class ModelLayout:
     ep_rank: int
     local_experts: int
     qkv_split: QkvSplit = "qkv"
+    tp_mode: TpMode = "whole"
 
 
 def megatron_route(name: str, param: torch.Tensor, config: MuonConfig) -> Route:
@@ -119,8 +124,12 @@ def tensor_parallel(param: torch.Tensor, layout: ModelLayout) -> TensorParallel:
 def row_blocks(
     name: str, param: torch.Tensor, tp: TensorParallel, layout: ModelLayout
 ) -> tuple[RowBlock, ...]:
-    """Logical matrices inside a fused weight: QKV per query group, gated fc1 gate/up."""
+    """Logical matrices inside a fused weight: QKV per query group, gated fc1 gate/up.
+
+    ``tp`` is the weight's TP split (how many query groups each TP rank holds)."""
     rows = param.shape[0]
+    # Blockwise, each TP rank's heads are matrices of their own: no keys across TP ranks.
+    keys_tp = NOT_SPLIT if layout.tp_mode == "blockwise" else tp
     if name.endswith("linear_qkv.weight") and layout.qkv_split != "none":
         if layout.query_groups % tp.size:
             raise NotImplementedError(
@@ -139,7 +148,7 @@ def row_blocks(
             per_group,
             layout.head_dim,
             per_head=layout.qkv_split == "per_head",
-            tp=tp,
+            tp=keys_tp,
         )
     if name.endswith("linear_fc1.weight") and layout.gated:
         return gated_blocks(rows)
@@ -166,7 +175,8 @@ def shard_views(
         for model_param in models:
             if group["algorithm"] == "muon":
                 name = global_name(names[model_param], layout)
-                tp = tensor_parallel(model_param, layout)
+                split = tensor_parallel(model_param, layout)
+                tp = NOT_SPLIT if layout.tp_mode == "blockwise" else split
                 start, end = param_ranges[model_param]
                 if is_expert(model_param):
                     exchange = EXPERT_TP if tp.size > 1 else EXPERT
@@ -183,7 +193,7 @@ def shard_views(
                 else:
                     _refuse_unsplittable(name, model_param)
                     matrix_shape = (model_param.shape[0], model_param[0].numel())
-                    blocks = row_blocks(name, model_param, tp, layout)
+                    blocks = row_blocks(name, model_param, split, layout)
                 # Megatron marks gated fc1 stride 2: each TP rank holds [gate_t; up_t],
                 # which is exactly the two row blocks.
                 stride = getattr(model_param, "partition_stride", 1)
@@ -260,6 +270,7 @@ __all__ = [
     "EXPERT_TP",
     "ModelLayout",
     "QkvSplit",
+    "TpMode",
     "global_name",
     "megatron_route",
     "shard_views",

@@ -238,10 +238,11 @@ def split_fused(name: str, full_by_tp: list[torch.Tensor]) -> dict[str, torch.Te
 def _join_fused(name: str, logical: dict[str, torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
     if name.endswith("linear_qkv.weight"):
         cols = logical[f"{name}:q"].shape[1]
-        q = logical[f"{name}:q"].view(QUERY_GROUPS, HEADS_PER_GROUP, HEAD_DIM, cols)
-        k = logical[f"{name}:k"].view(QUERY_GROUPS, 1, HEAD_DIM, cols)
-        v = logical[f"{name}:v"].view(QUERY_GROUPS, 1, HEAD_DIM, cols)
-        groups = slice(tp_rank * QUERY_GROUPS // tp, (tp_rank + 1) * QUERY_GROUPS // tp)
+        q = logical[f"{name}:q"].view(-1, HEADS_PER_GROUP, HEAD_DIM, cols)
+        k = logical[f"{name}:k"].view(-1, 1, HEAD_DIM, cols)
+        v = logical[f"{name}:v"].view(-1, 1, HEAD_DIM, cols)
+        count = q.shape[0]  # query groups in the logical view
+        groups = slice(tp_rank * count // tp, (tp_rank + 1) * count // tp)
         return torch.cat([q[groups], k[groups], v[groups]], dim=1).reshape(-1, cols)
     gate = logical[f"{name}:gate"].chunk(tp)[tp_rank]
     up = logical[f"{name}:up"].chunk(tp)[tp_rank]
@@ -261,11 +262,14 @@ def expert_name(name: str, ep_rank: int, local_experts: int, index: int | None =
 
 
 def logical(
-    ddp: DistributedDataParallel, value: Callable[[torch.nn.Parameter], torch.Tensor]
+    ddp: DistributedDataParallel,
+    value: Callable[[torch.nn.Parameter], torch.Tensor],
+    gather_tp: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The unsharded model's tensors (fp32), from ``value(param)`` on every TP/EP rank.
 
-    Collective over the TP and EP groups; every rank returns the same dict.
+    Collective over the TP and EP groups; every rank returns the same dict. Without
+    ``gather_tp``, this TP rank's blocks stand for the whole (blockwise TP).
     """
     ep = ps.get_expert_model_parallel_world_size()
     local_experts = (get_model_config(ddp).num_moe_experts or 0) // ep
@@ -273,7 +277,7 @@ def logical(
     for name, param in named_params(ddp):
         local = value(param).detach().float().clone()
         by_tp = [local]
-        if _tp_split(param):
+        if gather_tp and _tp_split(param):
             group = _tp_group(param)
             by_tp = [torch.empty_like(local) for _ in range(group.size())]
             dist.all_gather(by_tp, local, group=group)
@@ -308,9 +312,10 @@ def local(
     logical_values: dict[str, torch.Tensor],
     name: str,
     param: torch.nn.Parameter,
+    gather_tp: bool = True,
 ) -> torch.Tensor:
     """This rank's TP/EP-local tensor of ``param`` taken from the logical view."""
-    split = _tp_split(param)
+    split = gather_tp and _tp_split(param)
     tp = _tp_group(param).size() if split else 1
     tp_rank = _tp_group(param).rank() if split else 0
     if _is_expert(param):

@@ -8,7 +8,8 @@ QKV, gate/up and experts (SequentialMLP's, or TEGroupedMLP's single 3-D grouped 
 ``megatron_models.SingleGroupedExperts`` lays them out) split explicitly by the test
 (``megatron_models``), fed the same averaged gradients, clipped by ``clip_grad_norm_``.
 With pipeline stages each rank's reference is its own stage's model, trained through
-Megatron's pipeline schedule and clipped by the norm over all stages.
+Megatron's pipeline schedule and clipped by the norm over all stages; in blockwise TP
+mode it is this TP rank's blocks, clipped by the whole model's norm.
 Tolerance: Newton-Schulz in fp32, so only summation order differs: main params within
 1e-5, the reported grad norm within 1e-5 relative; the bf16 model params are the main
 params rounded.
@@ -16,6 +17,7 @@ params rounded.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -44,18 +46,23 @@ def _reference(initial: dict[str, torch.Tensor]) -> tuple[Muon, dict[str, torch.
     return Muon(groups, CONFIG), params
 
 
-def _train(
-    rank: int,
-    world: int,
-    shape: models.Shape,
-    tp: int,
-    ep: int,
-    hook: bool,
-    expert_tp: int | None = None,
-    pp: int = 1,
-) -> dict[str, Any]:
-    """``hook``: build through ``megatron.training``'s ``get_megatron_optimizer`` name, as
-    the launch entry does after ``use_muon_ds``; else call ``get_muon_ds_optimizer``."""
+@dataclass(frozen=True)
+class Scenario:
+    """One spawn's parallel layout and how the optimizer is built."""
+
+    tp: int = 1
+    ep: int = 1
+    expert_tp: int | None = None
+    """Expert tensor parallelism; Megatron's default is ``tp``."""
+    pp: int = 1
+    tp_mode: str = "whole"
+    """``"blockwise"``: each TP rank's block is its own matrix, and so in the reference."""
+    hook: bool = False
+    """Build through ``megatron.training``'s ``get_megatron_optimizer`` name, as the
+    launch entry does after ``use_muon_ds``; else call ``get_muon_ds_optimizer``."""
+
+
+def _train(rank: int, world: int, shape: models.Shape, scenario: Scenario) -> dict[str, Any]:
     from tests.integration import megatron_shims
 
     megatron_shims.install()
@@ -65,38 +72,46 @@ def _train(
     from muon_ds.megatron.arguments import use_muon_ds
 
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=expert_tp,
-        pipeline_model_parallel_size=pp,
+        tensor_model_parallel_size=scenario.tp,
+        expert_model_parallel_size=scenario.ep,
+        expert_tensor_parallel_size=scenario.expert_tp,
+        pipeline_model_parallel_size=scenario.pp,
     )
+    gather_tp = scenario.tp_mode == "whole"
     try:
-        ddp = models.build(shape, tp, ep, expert_tp=expert_tp, pp=pp)
+        ddp = models.build(
+            shape, scenario.tp, scenario.ep, expert_tp=scenario.expert_tp, pp=scenario.pp
+        )
         optimizer_config = models.optimizer_config(LR, WEIGHT_DECAY, clip_grad=CLIP)
-        if hook:
+        if scenario.hook:
             from megatron.training import training
 
-            use_muon_ds(CONFIG, "qkv")
+            use_muon_ds(CONFIG, "qkv", scenario.tp_mode)
             optimizer = training.get_megatron_optimizer(optimizer_config, [ddp])
         else:
-            optimizer = get_muon_ds_optimizer(optimizer_config, [ddp], CONFIG)
+            optimizer = get_muon_ds_optimizer(
+                optimizer_config, [ddp], CONFIG, tp_mode=scenario.tp_mode
+            )
         scheduler = models.constant_schedule(optimizer, LR, WEIGHT_DECAY, STEPS)
         param_syncs = _count_param_syncs(ddp)
-        reference, ref_params = _reference(models.logical(ddp, lambda p: p))
+        reference, ref_params = _reference(models.logical(ddp, lambda p: p, gather_tp))
         norms = []
         for step in range(STEPS):
             optimizer.zero_grad()
             models.forward_backward(ddp, step)
             models.all_gather_grad_buffers(ddp)
-            grads = models.logical(ddp, lambda p: p.main_grad)
+            grads = models.logical(ddp, lambda p: p.main_grad, gather_tp)
+            # The norm is the whole model's gradients', as Megatron's (blockwise too).
+            whole = grads if gather_tp else models.logical(ddp, lambda p: p.main_grad)
+            square = sum(g.pow(2).sum() for g in whole.values())
             success, grad_norm, _ = optimizer.step()
             scheduler.step(1)
             for name, param in ref_params.items():
                 param.grad = grads[name]
-            ref_norm = _clip_over_stages(list(ref_params.values()))
+            ref_norm = _clip(list(ref_params.values()), square)
             reference.step()
             norms.append((success, grad_norm, ref_norm))
-        report = _report(ddp, optimizer, reference, ref_params, norms)
+        report = _report(ddp, optimizer, reference, ref_params, norms, gather_tp)
         report["param_syncs"] = sorted(param_syncs.values())
         report["bucket_groups"] = len(ddp.bucket_groups + ddp.expert_parallel_bucket_groups)
         report["non_finite_step"] = _non_finite_step(ddp, optimizer, rank)
@@ -105,12 +120,11 @@ def _train(
         ps.destroy_model_parallel()
 
 
-def _clip_over_stages(params: list[torch.Tensor]) -> float:
-    """``clip_grad_norm_`` with the norm over every pipeline stage's parameters (each
-    stage's reference holds only its own), as Megatron's grad norm is."""
+def _clip(params: list[torch.Tensor], square: torch.Tensor) -> float:
+    """``clip_grad_norm_`` of ``params`` by the norm whose square over this pipeline stage
+    is ``square``: summed over every stage (each stage's view holds only its own)."""
     from megatron.core import parallel_state as ps
 
-    square = torch.stack([p.grad.pow(2).sum() for p in params]).sum()
     dist.all_reduce(square, group=ps.get_pipeline_model_parallel_group())
     norm = square.sqrt()
     torch.nn.utils.clip_grads_with_norm_(params, CLIP, norm)
@@ -130,7 +144,7 @@ def _count_param_syncs(ddp) -> dict[int, int]:
     return counts
 
 
-def _report(ddp, optimizer, reference, ref_params, norms) -> dict[str, Any]:
+def _report(ddp, optimizer, reference, ref_params, norms, gather_tp: bool) -> dict[str, Any]:
     """Per-rank errors against the reference, and the counted work of each ShardedMuon."""
     from megatron.core import parallel_state as ps
 
@@ -146,7 +160,8 @@ def _report(ddp, optimizer, reference, ref_params, norms) -> dict[str, Any]:
         for group, params in zip(groups, model_params, strict=True):
             for main, param in zip(group["params"], params, strict=True):
                 piece = part._get_model_param_range_map(param)["param"]
-                expected = models.local(ddp, ref_params, names[param], param).reshape(-1)
+                expected = models.local(ddp, ref_params, names[param], param, gather_tp)
+                expected = expected.reshape(-1)
                 error = (main - expected[piece.start : piece.end]).abs().max().item()
                 main_errors[names[param]] = max(main_errors.get(names[param], 0.0), error)
         muon = part.optimizer
@@ -159,7 +174,7 @@ def _report(ddp, optimizer, reference, ref_params, norms) -> dict[str, Any]:
             )
             predicted[key] = per_step * STEPS
     for name, param in models.named_params(ddp):
-        expected = models.local(ddp, ref_params, name, param)
+        expected = models.local(ddp, ref_params, name, param, gather_tp)
         # bf16 rounding of a value within TOLERANCE of the reference.
         bound = expected.abs() * 2**-8 + TOLERANCE
         model_errors[name] = ((param.float() - expected).abs() - bound).max().item()
@@ -212,18 +227,23 @@ def _non_finite_step(ddp, optimizer, rank: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def dense_tp2_dp2() -> list[dict[str, Any]]:
-    return run_ranks(4, _train, models.DENSE, 2, 1, False)
+    return run_ranks(4, _train, models.DENSE, Scenario(tp=2))
 
 
 @pytest.fixture(scope="module")
 def moe_ep2() -> list[dict[str, Any]]:
-    return run_ranks(4, _train, models.MOE, 1, 2, True)
+    return run_ranks(4, _train, models.MOE, Scenario(ep=2, hook=True))
 
 
 @pytest.fixture(scope="module")
 def dense_pp2_tp2() -> list[dict[str, Any]]:
     """Two pipeline stages of one layer each, TP=2 within a stage, DP=1."""
-    return run_ranks(4, _train, models.DENSE, 2, 1, False, None, 2)
+    return run_ranks(4, _train, models.DENSE, Scenario(tp=2, pp=2))
+
+
+@pytest.fixture(scope="module")
+def dense_tp2_dp2_blockwise() -> list[dict[str, Any]]:
+    return run_ranks(4, _train, models.DENSE, Scenario(tp=2, tp_mode="blockwise", hook=True))
 
 
 @pytest.fixture(scope="module")
@@ -231,12 +251,12 @@ def moe_expert_tp2() -> list[dict[str, Any]]:
     """Expert TP = 2, expert-DP = 2 (dense DP = 4): expert matrices are split over expert
     TP and their ZeRO shards over expert DP. (Attention TP stays 1: Megatron wants
     sequence parallelism with MoE and TP, which torch's norms, all there is here, lack.)"""
-    return run_ranks(4, _train, models.MOE, 1, 1, False, 2)
+    return run_ranks(4, _train, models.MOE, Scenario(expert_tp=2))
 
 
 @pytest.fixture(scope="module")
 def moe_ep2_3d() -> list[dict[str, Any]]:
-    return run_ranks(4, _train, models.MOE_3D, 1, 2, False)
+    return run_ranks(4, _train, models.MOE_3D, Scenario(ep=2))
 
 
 def _assert_equal_to_reference(results: list[dict[str, Any]]) -> None:
@@ -252,6 +272,18 @@ def test_tp2_dp2_dense_gpt_equals_single_process_muon_on_unsharded_model(dense_t
 
 def test_ep2_moe_gpt_equals_single_process_muon_on_unsharded_model(moe_ep2) -> None:
     _assert_equal_to_reference(moe_ep2)
+
+
+def test_blockwise_tp_mode_equals_single_process_muon_on_each_tp_ranks_blocks(
+    dense_tp2_dp2_blockwise,
+) -> None:
+    """``--muon-tp-mode blockwise``: every TP rank's block of Q, K, V, proj, gate, up and
+    fc2 is its own matrix (scaled by its own shape), exchanged over DP only."""
+    _assert_equal_to_reference(dense_tp2_dp2_blockwise)
+    for result in dense_tp2_dp2_blockwise:
+        assert result["bytes"]["dense_tp"] == 0  # nothing is exchanged over TP
+        assert result["reference_matrices"] == 7 * models.DENSE.layers
+    assert sum(r["ns_matrices"] for r in dense_tp2_dp2_blockwise) == 2 * 7 * 2 * STEPS
 
 
 def test_pp2_tp2_dense_gpt_equals_single_process_muon_on_each_stage(dense_pp2_tp2) -> None:
@@ -282,9 +314,9 @@ def test_training_setup_hook_builds_dense_and_expert_muon_ds_optimizers(moe_ep2)
 
 
 def test_step_clips_raw_gradients_and_reports_their_norm(
-    dense_tp2_dp2, moe_ep2, dense_pp2_tp2
+    dense_tp2_dp2, moe_ep2, dense_pp2_tp2, dense_tp2_dp2_blockwise
 ) -> None:
-    for result in (*dense_tp2_dp2, *moe_ep2, *dense_pp2_tp2):
+    for result in (*dense_tp2_dp2, *moe_ep2, *dense_pp2_tp2, *dense_tp2_dp2_blockwise):
         for success, grad_norm, ref_norm in result["norms"]:
             assert success is True
             assert grad_norm == pytest.approx(ref_norm, rel=TOLERANCE)
@@ -320,7 +352,8 @@ def test_each_bucket_group_gathers_its_parameters_once_per_step(dense_tp2_dp2, m
 
 
 def test_exchange_bytes_equal_plan_prediction(
-    dense_tp2_dp2, moe_ep2, moe_ep2_3d, moe_expert_tp2, dense_pp2_tp2
+    dense_tp2_dp2, moe_ep2, moe_ep2_3d, moe_expert_tp2, dense_pp2_tp2, dense_tp2_dp2_blockwise
 ) -> None:
-    for result in (*dense_tp2_dp2, *moe_ep2, *moe_ep2_3d, *moe_expert_tp2, *dense_pp2_tp2):
+    scenarios = (dense_tp2_dp2, moe_ep2, moe_ep2_3d, moe_expert_tp2, dense_pp2_tp2)
+    for result in (r for results in (*scenarios, dense_tp2_dp2_blockwise) for r in results):
         assert result["bytes"] == result["predicted"]

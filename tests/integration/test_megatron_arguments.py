@@ -21,6 +21,7 @@ from muon_ds.megatron.arguments import (
     add_muon_ds_args,
     muon_config_from_args,
     qkv_split_from_args,
+    tp_mode_from_args,
 )
 
 BASE = [
@@ -98,7 +99,6 @@ def test_muon_impl_megatron_leaves_megatrons_muon_untouched(monkeypatch) -> None
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (("--muon-tp-mode", "blockwise"), "--muon-tp-mode blockwise"),
         (("--muon-coefficient-type", "quintic"), "--muon-coefficient-type quintic"),
         (("--muon-scale-mode", "unit_rms_norm"), "--muon-scale-mode unit_rms_norm"),
         (("--muon-extra-scale-factor", "0.5"), "--muon-extra-scale-factor 0.5"),
@@ -115,6 +115,23 @@ def test_muon_ds_without_distributed_optimizer_is_refused(monkeypatch) -> None:
     args = _parse(monkeypatch, "--optimizer", "muon")
     with pytest.raises(ValueError, match="needs --use-distributed-optimizer"):
         muon_config_from_args(args)
+
+
+@pytest.mark.parametrize(
+    ("flags", "mode"),
+    [
+        ((), "whole"),
+        (("--muon-tp-mode", "duplicated"), "whole"),
+        (("--muon-tp-mode", "distributed"), "whole"),
+        (("--muon-tp-mode", "blockwise"), "blockwise"),
+    ],
+)
+def test_tp_mode_flag_unpassed_is_the_whole_matrix_not_megatrons_blockwise(
+    monkeypatch, flags, mode
+) -> None:
+    args = _parse(monkeypatch, *MUON, *flags)
+    muon_config_from_args(args)
+    assert tp_mode_from_args(args) == mode
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,24 @@ def test_qkv_per_head_keys_are_global_heads_and_none_keeps_it_whole() -> None:
     assert _views({QKV: _column(rows)}, _layout(qkv_split="none"))[QKV].blocks == ()
 
 
+def test_blockwise_tp_mode_keeps_each_tp_ranks_blocks_to_itself() -> None:
+    """``--muon-tp-mode blockwise``: no TP split in the view, so no exchange over TP; QKV
+    still cut per local query group, the row-parallel proj one matrix per TP rank."""
+    layout = ModelLayout(**{**_layout().__dict__, "tp_mode": "blockwise"})
+    rows = (GROUPS // 2) * (HEADS // GROUPS + 2) * HEAD_DIM
+    proj = "decoder.layers.0.self_attention.linear_proj.weight"
+    row_parallel = _param((HIDDEN, HIDDEN // 2), tensor_model_parallel=True, partition_dim=1)
+    views = _views({QKV: _column(rows), proj: row_parallel}, layout)
+    q_rows = HEADS // GROUPS * HEAD_DIM
+    assert views[QKV].blocks == (
+        RowBlock(0, 0, q_rows),
+        RowBlock(1, q_rows, q_rows + HEAD_DIM),
+        RowBlock(2, q_rows + HEAD_DIM, rows),
+    )
+    for view in views.values():
+        assert (view.tp, view.group) == (NOT_SPLIT, DENSE)
+
+
 def test_query_groups_that_do_not_divide_over_tp_are_refused() -> None:
     with pytest.raises(NotImplementedError, match="query groups do not divide"):
         _views({QKV: _column(48)}, _layout(tp=4))
