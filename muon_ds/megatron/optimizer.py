@@ -32,6 +32,11 @@ from megatron.core.optimizer import (
     get_standard_config_overrides,
 )
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.grad_scaler import (
+    ConstantGradScaler,
+    DynamicGradScaler,
+    MegatronGradScaler,
+)
 from megatron.core.optimizer.optimizer import ChainedOptimizer, param_group_identifier_keys
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config, get_pg_rank
@@ -96,6 +101,7 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         layout: ModelLayout,
         names: Mapping[torch.nn.Parameter, str],
         ns_load: dict[int, int],
+        grad_scaler: MegatronGradScaler | None = None,
         **distributed_optimizer_args: Any,
     ) -> None:
         # Every model param of this optimizer, not only this rank's (checkpoints list all),
@@ -109,7 +115,7 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         holder = torch.optim.Optimizer(
             list(param_groups), {"lr": config.lr, "weight_decay": config.weight_decay}
         )
-        super().__init__(holder, config, None, init_muon_state, **distributed_optimizer_args)
+        super().__init__(holder, config, grad_scaler, init_muon_state, **distributed_optimizer_args)
         self._muon_params = muon_params
         self._muon_record: list[str] | None = None  # set by sharded_state_dict
         tp = layout.expert_tp if EXPERT in exchange_groups else layout.tp
@@ -340,8 +346,10 @@ class MuonDistributedOptimizer(DistributedOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The param groups (lr, wd, overrides, algorithm) with AdamW's step in each, as
-        Megatron writes it, and (once ``sharded_state_dict`` made it) the routing record:
-        the state that is not per-parameter."""
+        Megatron writes it, the loss scaler's state under fp16 (Megatron's key) and (once
+        ``sharded_state_dict`` made it) the routing record: the state that is not
+        per-parameter."""
+        init_muon_state(self.optimizer)  # before any step (all skipped, or none run)
         step = self._adamw_step()
         groups = [
             {**{k: v for k, v in group.items() if k != "params"}, "step": step}
@@ -350,11 +358,14 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         common: dict[str, Any] = {"param_groups": groups}
         if self._muon_record is not None:
             common[ROUTING_RECORD] = self._muon_record
-        return {"optimizer": common}
+        state = {"optimizer": common}
+        if self.grad_scaler:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check the routing, restore groups and AdamW's step, then the parameter state
-        Megatron loaded.
+        """Check the routing, restore groups, AdamW's step and the loss scaler, then the
+        parameter state Megatron loaded.
 
         A checkpoint whose Muon parameters are not this run's fails with them named; one
         saved before muon_ds recorded its routing loads unchecked. Saved groups are
@@ -385,6 +396,9 @@ class MuonDistributedOptimizer(DistributedOptimizer):
             if group["algorithm"] == "adamw":
                 for shard in group["params"]:
                     self.optimizer.state[shard]["step"].fill_(step)
+        # One saved without a scaler (bf16) starts it afresh from the config, as Megatron's.
+        if self.grad_scaler and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         if "param_state" in state_dict:
             loaders = {
                 "dp_reshardable": self.load_parameter_state_from_dp_reshardable,
@@ -431,6 +445,23 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         bad = (~finite).to(torch.int32).reshape(1).to(self.buffers[0].grad_data.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return found_inf or bool(bad.item())
+
+
+def grad_scaler(config: OptimizerConfig) -> MegatronGradScaler | None:
+    """The loss scaler ``get_megatron_optimizer`` gives each of its optimizers (0.19.2):
+    constant for ``--loss-scale``, else dynamic under fp16, else none."""
+    if config.loss_scale:
+        return ConstantGradScaler(config.loss_scale)
+    if config.fp16:
+        return DynamicGradScaler(
+            initial_scale=config.initial_loss_scale,
+            min_scale=config.min_loss_scale,
+            growth_factor=2.0,
+            backoff_factor=0.5,
+            growth_interval=config.loss_scale_window,
+            hysteresis=config.hysteresis,
+        )
+    return None
 
 
 CHECKPOINT_FORMATS = ("dp_reshardable", "fully_reshardable")
@@ -520,8 +551,6 @@ def get_muon_ds_optimizer(
     """
     if not config.use_distributed_optimizer:
         raise ValueError("muon_ds needs --use-distributed-optimizer (ZeRO-1 sharded state)")
-    if config.fp16 or config.loss_scale:
-        raise NotImplementedError("muon_ds on Megatron supports bf16 or fp32 without loss scale")
     if config.overlap_param_gather_with_optimizer_step or config.optimizer_cpu_offload:
         raise NotImplementedError(
             "muon_ds does not support overlap_param_gather_with_optimizer_step or CPU offload"
@@ -568,6 +597,7 @@ def get_muon_ds_optimizer(
             layout=layout,
             names=names,
             ns_load=ns_load,
+            grad_scaler=grad_scaler(config),
             model_chunks=list(model_chunks),
             per_model_buffers=buffers,
             distributed_optimizer_instance_id=0,

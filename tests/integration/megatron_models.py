@@ -61,12 +61,13 @@ def build(
     distributed_optimizer: bool = True,
     expert_tp: int | None = None,
     pp: int = 1,
+    fp16: bool = False,
 ) -> DistributedDataParallel:
     """A bf16 GPTModel (local spec, CPU init) wrapped in Megatron's DDP.
 
     ``expert_tp``: expert tensor parallelism (Megatron's default: ``tp``). ``pp``: this
     rank's pipeline stage of the layers; embeddings untied under PP (Megatron's tied
-    embedding sync across stages moves the weight to CUDA).
+    embedding sync across stages moves the weight to CUDA). ``fp16``: fp16, not bf16.
 
     Every rank seeds alike, so TP ranks cut the same master weights and DP ranks agree.
     """
@@ -91,8 +92,9 @@ def build(
         add_bias_linear=False,
         normalization="RMSNorm",
         use_cpu_initialization=True,
-        bf16=True,
-        params_dtype=torch.bfloat16,
+        bf16=not fp16,
+        fp16=fp16,
+        params_dtype=torch.float16 if fp16 else torch.bfloat16,
         tensor_model_parallel_size=tp,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -159,22 +161,23 @@ class SingleGroupedExperts(torch.nn.Module):
         return torch.cat(outputs), None
 
 
-def forward_backward(ddp: DistributedDataParallel, step: int) -> None:
+def forward_backward(ddp: DistributedDataParallel, step: int, loss_scale: float = 1.0) -> None:
     """One micro-batch per DP rank (TP ranks and pipeline stages of one DP rank see the
-    same tokens), through Megatron's pipeline schedule when there are stages."""
+    same tokens), through Megatron's pipeline schedule when there are stages; the loss
+    is multiplied by ``loss_scale`` (fp16), as Megatron's schedule does."""
     generator = torch.Generator().manual_seed(100 * step + ps.get_data_parallel_rank())
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
     positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
     mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
     ddp.zero_grad_buffer()
     if ps.get_pipeline_model_parallel_world_size() == 1:
-        ddp(ids, positions, mask, labels=ids).float().mean().backward()
+        (ddp(ids, positions, mask, labels=ids).float().mean() * loss_scale).backward()
     else:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(_: Any, model: DistributedDataParallel) -> tuple[torch.Tensor, Any]:
             output = model(ids, positions, mask, labels=ids)
-            return output, lambda losses: (losses.float().mean(), {})
+            return output, lambda losses: (losses.float().mean() * loss_scale, {})
 
         get_forward_backward_func()(
             forward_step_func=forward_step,

@@ -33,6 +33,15 @@ pytestmark = pytest.mark.dist
 STEPS = 3
 LR, WEIGHT_DECAY, CLIP = 2e-2, 0.1, 1.0
 CONFIG = MuonConfig(ns_dtype="float32", lr=LR, weight_decay=WEIGHT_DECAY)
+FP16 = {
+    "fp16": True,
+    "bf16": False,
+    "params_dtype": torch.float16,
+    "initial_loss_scale": 2.0**18,
+    "hysteresis": 1,
+}
+"""Megatron's fp16 with its dynamic loss scaler: at 2**18 the first step's gradients
+overflow in fp16 (measured), so it is skipped and the scale halved; the next two run."""
 TOLERANCE = 1e-5
 
 
@@ -57,6 +66,9 @@ class Scenario:
     pp: int = 1
     tp_mode: str = "whole"
     """``"blockwise"``: each TP rank's block is its own matrix, and so in the reference."""
+    fp16: bool = False
+    """fp16 params with Megatron's dynamic loss scaler; the reference gets the unscaled
+    gradients and skips the steps Megatron skips."""
     hook: bool = False
     """Build through ``megatron.training``'s ``get_megatron_optimizer`` name, as the
     launch entry does after ``use_muon_ds``; else call ``get_muon_ds_optimizer``."""
@@ -80,9 +92,15 @@ def _train(rank: int, world: int, shape: models.Shape, scenario: Scenario) -> di
     gather_tp = scenario.tp_mode == "whole"
     try:
         ddp = models.build(
-            shape, scenario.tp, scenario.ep, expert_tp=scenario.expert_tp, pp=scenario.pp
+            shape,
+            scenario.tp,
+            scenario.ep,
+            expert_tp=scenario.expert_tp,
+            pp=scenario.pp,
+            fp16=scenario.fp16,
         )
-        optimizer_config = models.optimizer_config(LR, WEIGHT_DECAY, clip_grad=CLIP)
+        precision = FP16 if scenario.fp16 else {}
+        optimizer_config = models.optimizer_config(LR, WEIGHT_DECAY, clip_grad=CLIP, **precision)
         if scenario.hook:
             from megatron.training import training
 
@@ -95,24 +113,33 @@ def _train(rank: int, world: int, shape: models.Shape, scenario: Scenario) -> di
         scheduler = models.constant_schedule(optimizer, LR, WEIGHT_DECAY, STEPS)
         param_syncs = _count_param_syncs(ddp)
         reference, ref_params = _reference(models.logical(ddp, lambda p: p, gather_tp))
-        norms = []
+        norms, scales = [], []
         for step in range(STEPS):
             optimizer.zero_grad()
-            models.forward_backward(ddp, step)
+            scale = optimizer.get_loss_scale().item()
+            scales.append(scale)
+            models.forward_backward(ddp, step, scale)
             models.all_gather_grad_buffers(ddp)
-            grads = models.logical(ddp, lambda p: p.main_grad, gather_tp)
+
+            def unscaled(param: torch.nn.Parameter, scale: float = scale) -> torch.Tensor:
+                return param.main_grad / scale
+
+            grads = models.logical(ddp, unscaled, gather_tp)
             # The norm is the whole model's gradients', as Megatron's (blockwise too).
-            whole = grads if gather_tp else models.logical(ddp, lambda p: p.main_grad)
+            whole = grads if gather_tp else models.logical(ddp, unscaled)
             square = sum(g.pow(2).sum() for g in whole.values())
             success, grad_norm, _ = optimizer.step()
             scheduler.step(1)
             for name, param in ref_params.items():
                 param.grad = grads[name]
             ref_norm = _clip(list(ref_params.values()), square)
-            reference.step()
+            if success:
+                reference.step()
             norms.append((success, grad_norm, ref_norm))
         report = _report(ddp, optimizer, reference, ref_params, norms, gather_tp)
         report["param_syncs"] = sorted(param_syncs.values())
+        report["loss_scales"] = scales
+        report["saved_scaler"] = "grad_scaler" in optimizer.chained_optimizers[0].state_dict()
         report["bucket_groups"] = len(ddp.bucket_groups + ddp.expert_parallel_bucket_groups)
         report["non_finite_step"] = _non_finite_step(ddp, optimizer, rank)
         return report
@@ -247,6 +274,11 @@ def dense_tp2_dp2_blockwise() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
+def dense_tp2_dp2_fp16() -> list[dict[str, Any]]:
+    return run_ranks(4, _train, models.DENSE, Scenario(tp=2, fp16=True))
+
+
+@pytest.fixture(scope="module")
 def moe_expert_tp2() -> list[dict[str, Any]]:
     """Expert TP = 2, expert-DP = 2 (dense DP = 4): expert matrices are split over expert
     TP and their ZeRO shards over expert DP. (Attention TP stays 1: Megatron wants
@@ -284,6 +316,20 @@ def test_blockwise_tp_mode_equals_single_process_muon_on_each_tp_ranks_blocks(
         assert result["bytes"]["dense_tp"] == 0  # nothing is exchanged over TP
         assert result["reference_matrices"] == 7 * models.DENSE.layers
     assert sum(r["ns_matrices"] for r in dense_tp2_dp2_blockwise) == 2 * 7 * 2 * STEPS
+
+
+def test_fp16_skips_overflowed_steps_and_otherwise_equals_single_process_muon(
+    dense_tp2_dp2_fp16,
+) -> None:
+    """Megatron's loss scaler around muon_ds: an overflowed step changes nothing and
+    halves the scale; the others equal the reference on the unscaled gradients."""
+    _assert_equal_to_reference(dense_tp2_dp2_fp16)
+    for result in dense_tp2_dp2_fp16:
+        assert [success for success, _, _ in result["norms"]] == [False, True, True]
+        assert result["loss_scales"] == [2.0**18, 2.0**17, 2.0**17]
+        assert result["saved_scaler"], "the scaler's state goes into the checkpoint"
+        assert result["non_finite_step"] == {"success": False, "grad_norm": None, "unchanged": True}
+    assert sum(r["ns_matrices"] for r in dense_tp2_dp2_fp16) == 7 * models.DENSE.layers * 2
 
 
 def test_pp2_tp2_dense_gpt_equals_single_process_muon_on_each_stage(dense_pp2_tp2) -> None:
