@@ -178,15 +178,12 @@ def shard_views(
                 split = tensor_parallel(model_param, layout)
                 tp = NOT_SPLIT if layout.tp_mode == "blockwise" else split
                 start, end = param_ranges[model_param]
-                if is_expert(model_param):
+                expert = is_expert(model_param)
+                if expert:
                     exchange = EXPERT_TP if tp.size > 1 else EXPERT
                 else:
                     exchange = DENSE_TP if tp.size > 1 else DENSE
-                if (
-                    model_param.ndim == 3
-                    and is_expert(model_param)
-                    and _TE_SINGLE_GROUPED_EXPERTS.search(name)
-                ):
+                if model_param.ndim == 3 and expert and _TE_SINGLE_GROUPED_EXPERTS.search(name):
                     experts, rows, cols = model_param.shape
                     matrix_shape = (experts * rows, cols)
                     blocks = _single_grouped_blocks(name, model_param, layout)

@@ -63,7 +63,7 @@ def build(
     pp: int = 1,
     fp16: bool = False,
 ) -> DistributedDataParallel:
-    """A bf16 GPTModel (local spec, CPU init) wrapped in Megatron's DDP.
+    """A bf16 (or fp16) GPTModel (local spec, CPU init) wrapped in Megatron's DDP.
 
     ``expert_tp``: expert tensor parallelism (Megatron's default: ``tp``). ``pp``: this
     rank's pipeline stage of the layers; embeddings untied under PP (Megatron's tied
@@ -72,6 +72,7 @@ def build(
     Every rank seeds alike, so TP ranks cut the same master weights and DP ranks agree.
     """
     torch.manual_seed(1234)
+    dtype = torch.float16 if fp16 else torch.bfloat16
     moe = {}
     if shape.experts:
         moe = {
@@ -94,13 +95,13 @@ def build(
         use_cpu_initialization=True,
         bf16=not fp16,
         fp16=fp16,
-        params_dtype=torch.float16 if fp16 else torch.bfloat16,
+        params_dtype=dtype,
         tensor_model_parallel_size=tp,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         expert_tensor_parallel_size=expert_tp,
         pipeline_model_parallel_size=pp,
-        pipeline_dtype=torch.bfloat16 if pp > 1 else None,
+        pipeline_dtype=dtype if pp > 1 else None,
         **moe,
     )
     spec = get_gpt_layer_local_spec(num_experts=shape.experts or None, normalization="RMSNorm")
