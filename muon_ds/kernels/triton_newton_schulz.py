@@ -5,7 +5,8 @@ matmuls and five elementwise ops, each a round trip through memory. Here, for an
 ``X`` (m <= n):
 
 1. ``A = X Xᵀ`` is a symmetric product: only the lower triangle of output tiles is
-   launched, each tile is stored at (i, j) and mirrored to (j, i).
+   launched, each tile is stored at (i, j) and mirrored to (j, i); a diagonal tile
+   mirrors its own lower triangle, so the output is exactly symmetric.
 2. ``B = c A A + b A`` is the same kernel again: ``A`` is symmetric, so ``A A = A Aᵀ``
    and ``B`` is symmetric too; ``b A`` is added in the epilogue, while the tile is in
    registers.
@@ -140,6 +141,11 @@ def _symmetric_product_kernel(
     acc = alpha * acc
     if ADD_Q:
         acc += beta * tl.load(q_ptr + batch * stride_ob + here, mask=mask).to(tl.float32)
+    if i == j:
+        # A diagonal tile is one dot, and no MMA or BLAS promises that its (r, c) and
+        # (c, r) sums come out bitwise equal: keep the lower triangle and mirror it, so
+        # the output is symmetric by construction on every backend.
+        acc = tl.where(rows[:, None] >= cols[None, :], acc, tl.trans(acc))
     tile = _rounded(acc, out_ptr.dtype.element_ty, INTERPRETED)
     out = out_ptr + batch * stride_ob
     tl.store(out + here, tile, mask=mask)
