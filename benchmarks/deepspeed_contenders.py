@@ -15,7 +15,8 @@ the same seed on the same tokens, with one lr and weight decay for every part
   ``sqrt(max(1, rows/cols))``, not Moonlight's ``0.2 sqrt(max(rows, cols))`` (no option),
   so its loss is not comparable to the others'; the counted work is.
 * ``muon_ds_deepspeed``: ``"type": "MuonDS"`` (``import muon_ds.deepspeed``): Moonlight's
-  Muon, bf16 Newton-Schulz, each matrix orthogonalised once by its owner.
+  Muon, each matrix orthogonalised once by its owner, Newton-Schulz and the exchange in the
+  dtype ``ns_dtype="auto"`` resolves to on the device (named in the notes).
 
 Optimizer time, the same for all three: ``engine.step()`` (norm check, the optimizer on the
 local partition, the parameter all-gather) plus the time spent in ZeRO's
@@ -158,6 +159,19 @@ def _muon_param_names(contender: str, engine: Any) -> list[str]:
     return []
 
 
+def _ns_dtype(contender: str, engine: Any) -> str:
+    """The dtype the contender's Newton-Schulz runs in, as the optimizer itself chose it."""
+    if contender == "muon_ds_deepspeed":
+        dtypes = {core.ns_dtype for core in engine.basic_optimizer._cores.values()}
+    elif contender == "deepspeed_muon":
+        from deepspeed.runtime.zero.muon.original_muon import ns_compute_dtype
+
+        dtypes = {ns_compute_dtype("standard")}
+    else:
+        return "none"
+    return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+
+
 def _ns_totals(contender: str, engine: Any, count: _NewtonSchulzCount) -> tuple[int, int, int]:
     """Newton-Schulz calls and FLOPs so far, and (muon_ds only) its own exchange bytes."""
     if contender == "muon_ds_deepspeed":
@@ -221,15 +235,19 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
     )
     eager = os.environ.get("TORCHDYNAMO_DISABLE") == "1"  # what torch.compile itself reads
     compiled = "eager (TORCHDYNAMO_DISABLE=1)" if eager else "torch.compile"
+    ns_dtype = _ns_dtype(contender, engine)
     notes = {
         "zero1_adamw": "torch AdamW on each rank's ZeRO-1 partition.",
         "deepspeed_muon": (
             "DeepSpeed's Muon: momentum + NS of every matrix a rank holds any part of, run in "
-            "backward (ZeRO get_flat_partition); NS 'standard' quintic, bf16, "
+            f"backward (ZeRO get_flat_partition); NS 'standard' quintic, {ns_dtype}, "
             f"{compiled}; scale sqrt(max(1,rows/cols)); state_bytes leaves out its "
             "momentum staging copy (momentum_staging_bytes)."
         ),
-        "muon_ds_deepspeed": "MuonDS: Moonlight's Muon, bf16 NS once per matrix by its owner.",
+        "muon_ds_deepspeed": (
+            f"MuonDS: Moonlight's Muon, NS once per matrix by its owner; NS and wire in "
+            f"{ns_dtype} (ns_dtype 'auto')."
+        ),
     }[contender]
     return {
         "contender": contender,
@@ -239,6 +257,7 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
         "world": world,
         "rank": rank,
         "device": str(engine.device),
+        "ns_dtype": ns_dtype,
         "collectives_per_step": _per_step(snapshots),
         "counts_constant": all(s == snapshots[0] for s in snapshots) and len(set(ns_per_step)) == 1,
         "ns_calls_per_step": _exact_mean([c for c, _, _ in ns_per_step]),

@@ -16,7 +16,8 @@ all-gather. Only the optimizer differs:
 * ``muon_ds_megatron``: ``muon_ds.megatron.get_muon_ds_optimizer``.
 
 Both Megatron Muon variants get Moonlight's settings (momentum 0.95, Nesterov, "simple"
-coefficients, 5 steps, spectral scale x 0.2, bf16 Newton-Schulz) as muon_ds has by default.
+coefficients, 5 steps, spectral scale x 0.2, bf16 Newton-Schulz); muon_ds runs its defaults,
+Newton-Schulz in what ``ns_dtype="auto"`` resolves to on the device (reported in the notes).
 Newton-Schulz is counted by wrapping emerging-optimizers' ``newton_schulz`` (which its TP
 variants call), muon_ds's by its own counter. ``run`` executes inside a spawned rank whose
 ``collectives.install()`` has run before Megatron is imported (Megatron binds some
@@ -498,7 +499,10 @@ def _result(
         result["logical_matrices"] = _muon_ds_matrices(optimizer)
         result["muon_ds_exchange_bytes_per_step"] = first.muon_ds_exchange_bytes
         result["plan_exchange_bytes_per_step"] = _muon_ds_plan_bytes(optimizer)
-        result["notes"] += "; NS counted by muon_ds's CommCounter"
+        dtypes = sorted({str(part.core.ns_dtype) for part in _muon_ds_parts(optimizer)})
+        result["notes"] += (
+            f"; NS and wire in {', '.join(dtypes)}; NS counted by muon_ds's CommCounter"
+        )
     elif contender.startswith("megatron_muon"):
         result["logical_matrices"] = _megatron_muon_matrices(optimizer, ddp)
         result["notes"] += "; NS counted at emerging-optimizers' newton_schulz"

@@ -77,6 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from shapes import DENSE, MOE, ModelShape, full_size
 
 from muon_ds.config import MuonConfig
+from muon_ds.device import choose_ns_dtype
 from muon_ds.layout import NOT_SPLIT, RowBlock, ShardView, TensorParallel, gated_blocks, qkv_blocks
 from muon_ds.plan import Plan, build_plan
 
@@ -85,6 +86,9 @@ MUON_BYTES_PER_ELEMENT = 24
 fp32 master read + write."""
 ADAMW_BYTES_PER_ELEMENT = 28
 """fp32 grad read, exp_avg and exp_avg_sq read + write, fp32 master read + write."""
+MODELLED_BF16_UNITS = "sm_90"
+"""The modelled GPU's bf16 matrix units (H100-like: bf16 tensor cores), so ``ns_dtype``
+"auto" resolves by ``muon_ds.device``'s rule as it would on that GPU."""
 MEGATRON_ALIGN = 64
 """Megatron's ``pad_param_start``: every param starts on a 64-element boundary."""
 
@@ -704,7 +708,7 @@ def model_layout(
 ) -> dict[str, object]:
     """Every scheme's counts and times for one model on one layout."""
     check_layout(model, layout, rates.gpus_per_node)
-    wire_bytes = 2 if config.ns_dtype == "bfloat16" else 4
+    wire_bytes = choose_ns_dtype(config.ns_dtype, MODELLED_BF16_UNITS).itemsize
     specs = transformer_params(model)
     groups = build_groups(model, layout)
     plans, _ = plan_muon_ds(groups, config, wire_bytes)
@@ -950,8 +954,10 @@ def main() -> None:
     print("Scale model (counted by muon_ds.plan; no GPU ran). Parameters:")
     for line in rates.describe():
         print("  " + line)
+    wire = str(choose_ns_dtype(config.ns_dtype, MODELLED_BF16_UNITS)).removeprefix("torch.")
     print(
-        f"  Muon: {config.ns_steps} NS steps, {config.ns_dtype} on the wire, owner imbalance "
+        f"  Muon: {config.ns_steps} NS steps, {wire} on the wire (ns_dtype "
+        f"{config.ns_dtype!r} on {MODELLED_BF16_UNITS}), owner imbalance "
         f"limit {config.owner_imbalance_limit}, buckets of {config.exchange_bucket_mb:g} MiB"
     )
     for key in dict.fromkeys(k for k, _ in layouts):

@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from muon_ds.device import NS_DTYPE_BY_NAME
+
 NS_COEFFICIENT_SETS = ("moonlight", "polar_express")
 SCALE_MODES = ("moonlight", "keller", "spectral", "none")
-NS_DTYPES = ("bfloat16", "float32")
+NS_DTYPES = ("auto", *NS_DTYPE_BY_NAME)
 NS_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -46,15 +48,19 @@ class MuonConfig:
     ns_coefficients: str = "moonlight"
     """``moonlight``: (3.4445, -4.7750, 2.0315) every step; ``polar_express``: Amsel et al. 2025."""
 
-    ns_dtype: str = "bfloat16"
-    """Dtype of the Newton-Schulz iteration; ``float32`` for tight equivalence tests."""
+    ns_dtype: str = "auto"
+    """Dtype of the Newton-Schulz iteration and of the exchange's wire. ``auto``: bf16 where
+    the device multiplies bf16 natively (CUDA capability 8.0+, a CPU with AMX or AVX-512
+    BF16), else fp32 (``muon_ds.device``: bf16 is ~15x slower than fp32 on other CPUs);
+    ``bfloat16`` or ``float32`` force one (``float32`` for tight equivalence tests)."""
 
     ns_eps: float = 1e-7
     """Added to the Frobenius norm before normalising, so a zero matrix gives zeros."""
 
     ns_backend: str = "auto"
-    """``auto``: Triton kernel for bf16 on CUDA when triton imports, else the torch
-    reference; ``torch``: always the reference; ``triton``: the kernel, error if unavailable."""
+    """``auto``: Triton kernel when Newton-Schulz runs in bf16 on CUDA and triton imports,
+    else the torch reference; ``torch``: always the reference; ``triton``: the kernel,
+    error if unavailable."""
 
     scale_mode: str = "moonlight"
     """Update scale for an [A, B] matrix: ``moonlight`` 0.2*sqrt(max(A, B)),

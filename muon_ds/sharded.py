@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from muon_ds.comm import CommCounter, Exchange, LocalRun, Slot
 from muon_ds.config import MuonConfig
+from muon_ds.device import resolve_ns_dtype
 from muon_ds.kernels import orthogonalize
 from muon_ds.layout import ShardView
 from muon_ds.math import adamw_step, all_finite, muon_direction, update_scale
@@ -34,7 +35,6 @@ from muon_ds.plan import MatrixPlan, Plan, PlanError, build_plan
 
 logger = logging.getLogger("muon_ds")
 
-_NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 MOMENTUM = "momentum_buffer"
 """State key of Muon's fp32 momentum, as in ``torch.optim`` and ``muon_ds.Muon``."""
 
@@ -77,6 +77,10 @@ class ShardedMuonCore:
         self.views = tuple(views)
         self.config = config
         self.counter = CommCounter()
+        # Newton-Schulz and the wire share one dtype, resolved for the shards' device; the
+        # ranks check below that they agree on it (``auto`` could differ across machines).
+        device = self.buffers[0].device if self.buffers else torch.device("cpu")
+        self.ns_dtype = resolve_ns_dtype(config.ns_dtype, device)
         groups = dict(process_groups or {"dense": None})
         problem = self._local_problem(groups)
         self.plans, self._exchanges = self._agree_and_plan(
@@ -90,6 +94,9 @@ class ShardedMuonCore:
         for algorithm in self.algorithms:
             if algorithm not in ("muon", "adamw"):
                 return f"a buffer has algorithm={algorithm!r}; allowed: muon, adamw"
+        devices = sorted({str(b.device) for b in self.buffers})
+        if len(devices) > 1:
+            return f"buffers lie on several devices {devices}; keep them on one"
         for view in self.views:
             if not 0 <= view.buffer < len(self.buffers):
                 return (
@@ -137,6 +144,7 @@ class ShardedMuonCore:
         }
         mine = {
             "config": dataclasses.asdict(self.config),
+            "ns_dtype": self.ns_dtype,
             "members": members,
             "views": [v for v in self.views if v.route == "muon"],
             "problem": problem,
@@ -148,7 +156,7 @@ class ShardedMuonCore:
             everyone[0] = mine
         _check_agreement(everyone)
 
-        ns_dtype = _NS_DTYPES[self.config.ns_dtype]
+        ns_dtype = self.ns_dtype
         plans: dict[str, Plan] = {}
         exchanges = []
         for key in sorted(groups):
@@ -359,6 +367,13 @@ def _check_agreement(everyone: list[dict[str, Any]]) -> None:
                     f"muon_ds: MuonConfig differs across ranks: {key}={reference[key]!r} on "
                     f"rank 0 but {value!r} on rank {rank}; every rank must use the same config"
                 )
+        if mine["ns_dtype"] != everyone[0]["ns_dtype"]:
+            raise ValueError(
+                f"muon_ds: ns_dtype={mine['config']['ns_dtype']!r} resolves to "
+                f"{everyone[0]['ns_dtype']} on rank 0 but {mine['ns_dtype']} on rank {rank} "
+                "(their devices differ in bf16 support); set ns_dtype to 'bfloat16' or "
+                "'float32' so that every rank runs and sends the same dtype"
+            )
         if mine["members"].keys() != everyone[0]["members"].keys():
             raise ValueError(
                 f"muon_ds: rank {rank} names groups {sorted(mine['members'])}, rank 0 "

@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
 from muon_ds.config import MuonConfig
+from muon_ds.device import describe_ns_dtype
 from muon_ds.layout import ShardView, route_param, tag_embeddings
 from muon_ds.math import matrix_shape
 from muon_ds.sharded import ShardedMuonCore
@@ -55,6 +57,7 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
             tag_embeddings(engine.module)
             names = {id(p): n for n, p in engine.module.named_parameters()}
         groups, self._model_params = _split_groups(params, self.config, names)
+        _print_effective_config(self.config, groups)
         self._names = names
         defaults = {"lr": self.config.lr, "weight_decay": self.config.weight_decay}
         super().__init__(groups, defaults)
@@ -198,6 +201,17 @@ def _split_groups(
                 model_params[key] = members
                 groups.append({**extra, "params": members, "algorithm": algorithm, GROUP_KEY: key})
     return groups, model_params
+
+
+def _print_effective_config(config: MuonConfig, groups: list[dict[str, Any]]) -> None:
+    """Rank 0 prints the config and the Newton-Schulz dtype ``ns_dtype`` resolves to on the
+    parameters' device (DeepSpeed has moved the model there before building us), so a
+    run's log says whether "auto" picked bf16 or fp32, and why."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+    ns = describe_ns_dtype(config.ns_dtype, device)
+    print(f"muon_ds: effective {config}\nmuon_ds: Newton-Schulz and exchange in {ns}", flush=True)
 
 
 def _building_engine() -> Any | None:

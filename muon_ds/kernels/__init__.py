@@ -14,32 +14,36 @@ from collections.abc import Callable
 import torch
 
 from muon_ds.config import MuonConfig
+from muon_ds.device import resolve_ns_dtype
 from muon_ds.math import newton_schulz
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def orthogonalize(batch: torch.Tensor, config: MuonConfig) -> torch.Tensor:
-    """Newton-Schulz of a ``[k, m, n]`` stack (or one ``[m, n]`` matrix) as ``config`` says."""
-    return _implementation(batch, config)(
+    """Newton-Schulz of a ``[k, m, n]`` stack (or one ``[m, n]`` matrix) as ``config`` says,
+    in ``config.ns_dtype`` resolved for the batch's device."""
+    dtype = resolve_ns_dtype(config.ns_dtype, batch.device)
+    return _implementation(batch, config, dtype)(
         batch,
         steps=config.ns_steps,
         coefficients=config.ns_coefficients,
         eps=config.ns_eps,
-        dtype=_DTYPES[config.ns_dtype],
+        dtype=dtype,
     )
 
 
-def _implementation(batch: torch.Tensor, config: MuonConfig) -> Callable[..., torch.Tensor]:
-    """The Newton-Schulz function ``config.ns_backend`` selects for ``batch``.
+def _implementation(
+    batch: torch.Tensor, config: MuonConfig, dtype: torch.dtype
+) -> Callable[..., torch.Tensor]:
+    """The Newton-Schulz function ``config.ns_backend`` selects for ``batch`` in ``dtype``.
 
     ``auto`` takes the kernel only where it pays: bf16 on a CUDA tensor, triton installed
-    (in fp32 the kernel has no tensor-core path; fp32 is for tight tests). ``triton``
-    insists, and also runs on the CPU when the kernel module was imported under
-    TRITON_INTERPRET=1 (Triton's interpreter: how the tests run it).
+    (in fp32 the kernel has no tensor-core path: fp32 is what "auto" resolves to on GPUs
+    without bf16 tensor cores, and what tight tests force). ``triton`` insists, and also
+    runs on the CPU when the kernel module was imported under TRITON_INTERPRET=1 (Triton's
+    interpreter: how the tests run it).
     """
     if config.ns_backend == "auto":
-        fast = batch.is_cuda and config.ns_dtype == "bfloat16" and _triton_installed()
+        fast = batch.is_cuda and dtype == torch.bfloat16 and _triton_installed()
         return _kernel(batch) if fast else newton_schulz
     return newton_schulz if config.ns_backend == "torch" else _kernel(batch)
 

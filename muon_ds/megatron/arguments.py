@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from muon_ds.config import MuonConfig
+from muon_ds.config import NS_DTYPES, MuonConfig
 from muon_ds.megatron.views import QkvSplit, TpMode
 
 _MEGATRON_DEFAULTS = "muon_ds_megatron_defaults"
@@ -59,6 +59,12 @@ def add_muon_ds_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="muon_ds: orthogonalise the momentum, not G + mu M (Nesterov is the default)",
     )
     group.add_argument("--muon-ns-eps", type=float, help="muon_ds: Newton-Schulz norm epsilon")
+    group.add_argument(
+        "--muon-ns-dtype",
+        choices=NS_DTYPES,
+        help="muon_ds: Newton-Schulz and exchange dtype (default auto: bf16 where the device "
+        "multiplies bf16 natively, else fp32; --muon-fp32-matmul-prec high means float32)",
+    )
     group.add_argument(
         "--muon-ns-backend",
         choices=("auto", "torch", "triton"),
@@ -141,7 +147,9 @@ def _passed(args: argparse.Namespace) -> dict[str, Any]:
     if args.muon_coefficient_type is not None:
         fields["ns_coefficients"] = _COEFFICIENTS[args.muon_coefficient_type]
     if args.muon_fp32_matmul_prec is not None:
-        fields["ns_dtype"] = "float32" if args.muon_fp32_matmul_prec == "high" else "bfloat16"
+        fields["ns_dtype"] = _matmul_prec_dtype(args.muon_fp32_matmul_prec)
+    if args.muon_ns_dtype is not None:
+        fields["ns_dtype"] = args.muon_ns_dtype
     if args.muon_extra_scale_factor == 1.0:
         fields["scale_mode"] = "spectral"
     if args.adam_beta1 is not None or args.adam_beta2 is not None:
@@ -151,6 +159,12 @@ def _passed(args: argparse.Namespace) -> dict[str, Any]:
             default[1] if args.adam_beta2 is None else args.adam_beta2,
         )
     return fields
+
+
+def _matmul_prec_dtype(prec: str) -> str:
+    """Megatron's ``--muon-fp32-matmul-prec`` as a forced ``ns_dtype``: ``high`` keeps fp32
+    products, ``medium`` and ``low`` allow bf16 ones."""
+    return "float32" if prec == "high" else "bfloat16"
 
 
 def _refuse(args: argparse.Namespace) -> None:
@@ -170,6 +184,13 @@ def _refuse(args: argparse.Namespace) -> None:
             args.muon_extra_scale_factor not in (None, 0.2, 1.0),
             f"--muon-extra-scale-factor {args.muon_extra_scale_factor}: muon_ds supports "
             "0.2 (Moonlight, the default) and 1.0",
+        ),
+        (
+            args.muon_ns_dtype is not None
+            and args.muon_fp32_matmul_prec is not None
+            and args.muon_ns_dtype != _matmul_prec_dtype(args.muon_fp32_matmul_prec),
+            f"--muon-ns-dtype {args.muon_ns_dtype} contradicts --muon-fp32-matmul-prec "
+            f"{args.muon_fp32_matmul_prec}; pass one of them",
         ),
         (
             args.muon_scalar_optimizer not in (None, "adam"),

@@ -42,6 +42,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config, get_pg_rank
 
 from muon_ds.config import MuonConfig
+from muon_ds.device import describe_ns_dtype
 from muon_ds.layout import TensorParallel
 from muon_ds.math import all_finite
 from muon_ds.megatron.views import (
@@ -628,6 +629,11 @@ def get_muon_ds_optimizer(
         data_parallel_group_idx=get_pg_rank(groups["expt_tp_pp_with_egtp_remat_group"]),
     )
     optimizers = [o for o in (dense, experts) if o is not None]
+    if dist.get_rank() == 0:
+        # Beside the effective-config line muon_config_from_args printed: what "auto" became.
+        device = next(p.device for chunk in model_chunks for p in chunk.parameters())
+        ns = describe_ns_dtype(muon_config.ns_dtype, device)
+        print(f"muon_ds: Newton-Schulz and exchange in {ns}", flush=True)
     return ChainedOptimizer(optimizers)
 
 

@@ -6,23 +6,24 @@ check every element. Each scenario is one spawn of gloo processes (module-scoped
 fixtures) whose results several tests read. Counted quantities are asserted exactly.
 
 Tolerances: with ``ns_dtype="float32"`` only matmul summation order may differ, so
-2e-6; with the default bf16 Newton-Schulz the sharded path rounds exactly what the
-single-process path rounds (the wire carries the NS dtype), so results must be bitwise
-equal.
+2e-6; with bf16 Newton-Schulz (forced: "auto" would follow the CPU) the sharded path
+rounds exactly what the single-process path rounds (the wire carries the NS dtype), so
+results must be bitwise equal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from muon_ds import Muon, MuonConfig
+from muon_ds import Muon, MuonConfig, device
 from muon_ds.sharded import ShardedMuon
 from tests.dist.models import (
     DENSE_SHAPES,
@@ -41,11 +42,11 @@ STEPS = 3
 FP32_TOL = 2e-6
 CONFIGS = {
     "fp32": MuonConfig(ns_dtype="float32"),
-    "bf16": MuonConfig(),
+    "bf16": MuonConfig(ns_dtype="bfloat16"),
     # Never move a matrix for balance: every matrix stays with its largest holder.
-    "locality": MuonConfig(owner_imbalance_limit=1e9),
+    "locality": MuonConfig(ns_dtype="bfloat16", owner_imbalance_limit=1e9),
     # About 100 bytes per bucket: one matrix per bucket, so gathers overlap Newton-Schulz.
-    "small_buckets": MuonConfig(exchange_bucket_mb=1e-4),
+    "small_buckets": MuonConfig(ns_dtype="bfloat16", exchange_bucket_mb=1e-4),
 }
 TOLERANCE = {"fp32": FP32_TOL, "bf16": 0.0, "locality": 0.0, "small_buckets": 0.0}
 
@@ -83,7 +84,7 @@ def _train(
             start, end, got = held
             errors[name] = (got - values.reshape(-1)[start:end]).abs().max().item()
     buffers = [(g["algorithm"], b) for g in shard.param_groups for b in g["params"]]
-    wire = torch.finfo(getattr(torch, config.ns_dtype)).bits // 8
+    wire = optimizer.core.ns_dtype.itemsize
     momentum = [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]
     return {
         "errors": errors,
@@ -112,6 +113,7 @@ def _train(
         "momentum_numel": sum(m.numel() for m in momentum),
         "muon_buffer_numel": sum(b.numel() for a, b in buffers if a == "muon"),
         "wire": wire,
+        "ns_dtype": str(optimizer.core.ns_dtype),
         "views": [(v.name, v.start, v.end) for v in shard.views if v.route == "muon"],
     }
 
@@ -265,15 +267,26 @@ def test_exchange_bytes_equal_plan_prediction(
             assert result["bytes"] == result["predicted"]
 
 
+def _held(results: list[dict[str, Any]], name: str) -> dict[str, list[int]]:
+    """Each matrix's element counts on the ranks holding a piece of it, from the views."""
+    held: dict[str, list[int]] = {}
+    for by_config in results:
+        for matrix, start, end in by_config[name]["views"]:
+            held.setdefault(matrix, []).append(end - start)
+    return held
+
+
+def _locality_bytes(held: dict[str, list[int]], wire: int) -> int:
+    """Brute force: with owners kept on the largest holder, each matrix's elements held
+    elsewhere travel there and back, ``wire`` bytes each, every step."""
+    return sum(2 * wire * (sum(c) - max(c)) for c in held.values()) * STEPS
+
+
 def test_only_straddling_matrices_move_bytes_when_owners_keep_locality(data_parallel) -> None:
     """Brute force from the views: each matrix costs 2 x (elements not on its largest holder)."""
     _, results = data_parallel
-    held: dict[str, list[int]] = {}
-    for by_config in results:
-        for name, start, end in by_config["locality"]["views"]:
-            held.setdefault(name, []).append(end - start)
-    wire = results[0]["locality"]["wire"]
-    expected = sum(2 * wire * (sum(c) - max(c)) for c in held.values()) * STEPS
+    held = _held(results, "locality")
+    expected = _locality_bytes(held, wire=2)  # forced bfloat16
     assert sum(r["locality"]["bytes"]["dense"] for r in results) == expected
     whole = [n for n, c in held.items() if len(c) == 1]
     assert whole, "the model must have matrices wholly inside one shard"
@@ -295,6 +308,70 @@ def test_expert_matrices_move_only_within_their_expert_group(expert_parallel) ->
     for result in (r for by_config in expert_parallel for r in by_config.values()):
         assert set(result["bytes"]) == {"dense", "expert"}
         assert result["bytes"]["expert"] == result["predicted"]["expert"]
+
+
+# --- ns_dtype "auto": the CPU decides, the wire follows ------------------------------------
+
+
+@contextlib.contextmanager
+def _cpu_bf16_units(units: str | None) -> Iterator[None]:
+    """Inside a rank: make ``muon_ds.device`` see a CPU with (or without) bf16 units."""
+    real = device._cpu_bf16_units
+    device._cpu_bf16_units = lambda: units  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        device._cpu_bf16_units = real
+
+
+AUTO_CPUS = {"no_bf16_units": None, "avx512_bf16": "AVX-512 BF16"}
+"""The CPUs ``ns_dtype="auto"`` runs on in ``_auto_dtype``: what its probe reports."""
+
+
+def _auto_dtype(rank: int, world: int) -> dict[str, Any]:
+    """DP ranks with the default ``ns_dtype="auto"`` on each faked CPU (owners kept local,
+    so the bytes have a brute-force count); the single-process reference sees the same CPU."""
+    config = MuonConfig(owner_imbalance_limit=1e9)
+    assert config.ns_dtype == "auto"
+    results = {}
+    for name, units in AUTO_CPUS.items():
+        with _cpu_bf16_units(units):
+            results[name] = _train(
+                config,
+                DENSE_SHAPES,
+                lambda full: dense_dp_locals(full, config),
+                lambda locals_: zero1_shard({"dense": (locals_, rank, world)}),
+                {"dense": None},
+                {"dense": rank},
+            )
+    return results
+
+
+@pytest.fixture(scope="module")
+def auto_dtype() -> list[dict[str, Any]]:
+    return run_ranks(2, _auto_dtype)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "dtype", "wire", "tolerance"),
+    [
+        ("no_bf16_units", "torch.float32", 4, FP32_TOL),
+        ("avx512_bf16", "torch.bfloat16", 2, 0.0),
+    ],
+)
+def test_auto_runs_and_sends_what_the_cpu_multiplies_fast(
+    auto_dtype, cpu: str, dtype: str, wire: int, tolerance: float
+) -> None:
+    """A CPU without bf16 units runs Newton-Schulz in fp32 and its exchange counts 4 bytes
+    per element moved; one with AVX-512 BF16 runs bf16 and counts 2. Either way the plan
+    predicted the bytes and the result is single-process Muon's on the same CPU."""
+    for result in (r[cpu] for r in auto_dtype):
+        assert (result["ns_dtype"], result["wire"]) == (dtype, wire)
+        assert result["bytes"] == result["predicted"]
+        assert max(result["errors"].values()) <= tolerance
+    held = _held(auto_dtype, cpu)
+    moved = sum(r[cpu]["bytes"]["dense"] for r in auto_dtype)
+    assert moved == _locality_bytes(held, wire) > 0
 
 
 # --- bad input: the same clear error on every rank, no hang, nothing written ---------------
@@ -354,7 +431,16 @@ def _bad_inputs(rank: int, world: int) -> dict[str, str]:
         "group": attempt(
             lambda: ShardedMuon(s.param_groups, s.views, config, {"dense": groups_by_rank[rank]})
         ),
+        "ns_dtype": _on_cpu(
+            None if rank == 2 else "AMX",
+            lambda: attempt(lambda: ShardedMuon(s.param_groups, s.views, MuonConfig())),
+        ),
     }
+
+
+def _on_cpu(units: str | None, run: Callable[[], str]) -> str:
+    with _cpu_bf16_units(units):
+        return run()
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +455,8 @@ EXPECTED_ERRORS = {
     "shape": r"rank 1 describes it as matrix_shape=",
     "group": r"group 'dense' disagrees across ranks: rank 0 has \[0, 1\], its member rank 1 "
     r"has \[1, 2\]",
+    "ns_dtype": r"ns_dtype='auto' resolves to torch.bfloat16 on rank 0 but torch.float32 on "
+    r"rank 2 \(their devices differ in bf16 support\); set ns_dtype to 'bfloat16' or 'float32'",
 }
 
 

@@ -172,6 +172,32 @@ def _resume(rank: int, world: int, directory: str) -> dict[str, float]:
     }
 
 
+@pytest.mark.parametrize(
+    ("units", "resolved"),
+    [
+        (
+            None,
+            "float32 (ns_dtype 'auto' on cpu: no bf16 matrix units found (neither AMX nor "
+            "AVX-512 BF16))",
+        ),
+        ("AMX", "bfloat16 (ns_dtype 'auto' on cpu: AMX)"),
+    ],
+)
+def test_start_up_lines_name_the_config_and_what_auto_resolved_to(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, units, resolved: str
+) -> None:
+    """What a run's log says about its Newton-Schulz dtype (one process: rank 0's view)."""
+    from muon_ds import device
+    from muon_ds.deepspeed import DeepSpeedZeroOrtho
+
+    monkeypatch.setattr(device, "_cpu_bf16_units", lambda: units)
+    DeepSpeedZeroOrtho([torch.nn.Parameter(torch.zeros(4, 6))], lr=0.02)
+    assert capsys.readouterr().out.splitlines() == [
+        f"muon_ds: effective {MuonConfig(lr=0.02)}",
+        f"muon_ds: Newton-Schulz and exchange in {resolved}",
+    ]
+
+
 def test_checkpoint_resume_continues_bit_identically() -> None:
     with tempfile.TemporaryDirectory() as directory:
         for differences in run_ranks(2, _resume, directory, timeout=900):

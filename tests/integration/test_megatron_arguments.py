@@ -103,12 +103,31 @@ def test_muon_impl_megatron_leaves_megatrons_muon_untouched(monkeypatch) -> None
         (("--muon-scale-mode", "unit_rms_norm"), "--muon-scale-mode unit_rms_norm"),
         (("--muon-extra-scale-factor", "0.5"), "--muon-extra-scale-factor 0.5"),
         (("--muon-scalar-optimizer", "lion"), "--muon-scalar-optimizer lion"),
+        (
+            ("--muon-ns-dtype", "bfloat16", "--muon-fp32-matmul-prec", "high"),
+            "--muon-ns-dtype bfloat16 contradicts --muon-fp32-matmul-prec high",
+        ),
     ],
 )
 def test_megatron_settings_muon_ds_lacks_are_refused_by_flag(monkeypatch, flags, message) -> None:
     args = _parse(monkeypatch, *MUON, *flags)
     with pytest.raises(ValueError, match=f"muon_ds: .*{message}"):
         muon_config_from_args(args)
+
+
+@pytest.mark.parametrize(
+    ("flags", "ns_dtype"),
+    [
+        ((), "auto"),
+        (("--muon-ns-dtype", "float32"), "float32"),
+        (("--muon-ns-dtype", "bfloat16"), "bfloat16"),
+        (("--muon-fp32-matmul-prec", "medium"), "bfloat16"),
+        (("--muon-fp32-matmul-prec", "high", "--muon-ns-dtype", "float32"), "float32"),
+    ],
+)
+def test_ns_dtype_is_auto_unless_a_flag_forces_one(monkeypatch, flags, ns_dtype) -> None:
+    args = _parse(monkeypatch, *MUON, *flags)
+    assert muon_config_from_args(args).ns_dtype == ns_dtype
 
 
 def test_muon_ds_without_distributed_optimizer_is_refused(monkeypatch) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from muon_ds import MuonConfig
+from muon_ds.device import describe_ns_dtype
 
 pytestmark = pytest.mark.dist
 
@@ -95,6 +96,10 @@ def _ns_by_rank(run: subprocess.CompletedProcess) -> dict[int, int]:
 def _assert_muon_ds_ran(run: subprocess.CompletedProcess, matrices: int) -> None:
     effective = [line for line in run.stdout.splitlines() if "muon_ds: effective" in line]
     assert effective == [f"muon_ds: effective {EXPECTED_CONFIG}"], effective
+    # The ranks run on this machine's CPU, so "auto" resolves there as it does here.
+    resolved = [line for line in run.stdout.splitlines() if "muon_ds: Newton-Schulz and" in line]
+    expected = describe_ns_dtype(EXPECTED_CONFIG.ns_dtype, "cpu")
+    assert resolved == [f"muon_ds: Newton-Schulz and exchange in {expected}"], resolved
     by_rank = _ns_by_rank(run)
     assert sorted(by_rank) == list(range(RANKS)), by_rank
     assert sum(by_rank.values()) == matrices * STEPS, by_rank

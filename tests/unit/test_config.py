@@ -37,8 +37,9 @@ ERROR_CASES: list[tuple[str, Any, str]] = [
     ("ns_steps", "5", "expected an integer >= 1"),
     ("ns_coefficients", "quintic", "expected one of ['moonlight', 'polar_express']"),
     ("ns_coefficients", None, "expected one of ['moonlight', 'polar_express']"),
-    ("ns_dtype", "float16", "expected one of ['bfloat16', 'float32']"),
-    ("ns_dtype", "bf16", "expected one of ['bfloat16', 'float32']"),
+    ("ns_dtype", "float16", "expected one of ['auto', 'bfloat16', 'float32']"),
+    ("ns_dtype", "bf16", "expected one of ['auto', 'bfloat16', 'float32']"),
+    ("ns_dtype", None, "expected one of ['auto', 'bfloat16', 'float32']"),
     ("ns_eps", 0.0, POSITIVE),
     ("ns_eps", -1e-7, POSITIVE),
     ("ns_eps", "1e-7", POSITIVE),
@@ -143,7 +144,7 @@ def test_defaults_are_moonlight() -> None:
         coefficient_schedule(config.ns_coefficients, config.ns_steps)
         == [(3.4445, -4.7750, 2.0315)] * 5
     )
-    assert config.ns_dtype == "bfloat16"
+    assert config.ns_dtype == "auto"  # bf16 where the device has bf16 units, else fp32
     assert config.ns_eps == 1e-7
     assert config.scale_mode == "moonlight"
     for rows, cols in [(1024, 4096), (4096, 1024), (512, 512), (1, 7)]:

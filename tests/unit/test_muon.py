@@ -141,7 +141,7 @@ def test_matches_torch_muon_within_bf16_newton_schulz_tolerance(nesterov: bool) 
     Tolerance 10% relative (Frobenius) on every step's update. Errors it must catch are
     far larger (measured: Nesterov off 68%, 4 or 6 steps ~40%, polar_express 36%,
     momentum 0.9 21%); the tight float32 test below catches the small ones."""
-    config = MuonConfig(lr=LR, weight_decay=WD, momentum=MU, nesterov=nesterov)
+    config = MuonConfig(lr=LR, weight_decay=WD, momentum=MU, nesterov=nesterov, ns_dtype="bfloat16")
     worst_update, worst_momentum = _compare_with_torch_muon(config)
     assert worst_update < 0.1
     assert worst_momentum < MOMENTUM_RTOL

@@ -19,11 +19,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from muon_ds import kernels
+from muon_ds import device, kernels
 from muon_ds.config import MuonConfig, MuonConfigError
 from muon_ds.kernels import orthogonalize
 from muon_ds.math import newton_schulz
@@ -37,6 +38,8 @@ SHAPES: dict[str, tuple[int, ...]] = {
 }
 COEFFICIENTS = ("moonlight", "polar_express")
 SMALL = (16, 24)  # one tile: cheap enough to run twice in the child
+BF16_TRITON = MuonConfig(ns_backend="triton", ns_dtype="bfloat16")
+"""The kernel forced to bf16, the dtype these tests pin ("auto" would follow the CPU)."""
 
 MARGIN = 1.10
 """Allowed ratio of the kernel's error to the torch bf16 reference's (both against
@@ -62,11 +65,13 @@ def _run_kernels(path: str) -> None:
     outputs = {}
     for name, shape in SHAPES.items():
         for coefficients in COEFFICIENTS:
-            config = MuonConfig(ns_backend="triton", ns_coefficients=coefficients)
+            config = MuonConfig(
+                ns_backend="triton", ns_coefficients=coefficients, ns_dtype="bfloat16"
+            )
             outputs[f"{name}-{coefficients}"] = orthogonalize(_matrix(shape), config)
     fp32 = MuonConfig(ns_backend="triton", ns_dtype="float32")
     outputs["float32"] = orthogonalize(_matrix(SHAPES["odd"]), fp32)
-    outputs["small-dispatched"] = orthogonalize(_matrix(SMALL), MuonConfig(ns_backend="triton"))
+    outputs["small-dispatched"] = orthogonalize(_matrix(SMALL), BF16_TRITON)
     outputs["small-direct"] = tns.newton_schulz_triton(_matrix(SMALL))
     p, q = _symmetric_product_inputs()
     outputs["gram"] = tns.symmetric_product(p, torch.full((2, 70, 70), float("nan")))
@@ -161,7 +166,7 @@ def test_triton_backend_runs_the_kernel_under_the_interpreter(
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_torch_and_auto_backends_on_cpu_run_the_reference(backend: str) -> None:
     matrix = _matrix((3, 24, 40))
-    result = orthogonalize(matrix, MuonConfig(ns_backend=backend))
+    result = orthogonalize(matrix, MuonConfig(ns_backend=backend, ns_dtype="bfloat16"))
     assert torch.equal(result, newton_schulz(matrix))
 
 
@@ -174,7 +179,7 @@ def test_triton_backend_on_cpu_without_interpreter_raises_a_clear_error(
     with pytest.raises(
         RuntimeError, match=r"ns_backend='triton' needs a CUDA tensor, got one on cpu"
     ):
-        orthogonalize(_matrix(SMALL), MuonConfig(ns_backend="triton"))
+        orthogonalize(_matrix(SMALL), BF16_TRITON)
 
 
 def test_triton_backend_without_triton_installed_raises_a_clear_error(
@@ -182,9 +187,37 @@ def test_triton_backend_without_triton_installed_raises_a_clear_error(
 ) -> None:
     monkeypatch.setattr(kernels, "_triton_installed", lambda: False)
     with pytest.raises(RuntimeError, match=r"needs the triton package \(pip install"):
-        orthogonalize(_matrix(SMALL), MuonConfig(ns_backend="triton"))
-    auto = orthogonalize(_matrix(SMALL), MuonConfig(ns_backend="auto"))
+        orthogonalize(_matrix(SMALL), BF16_TRITON)
+    auto = orthogonalize(_matrix(SMALL), MuonConfig(ns_backend="auto", ns_dtype="bfloat16"))
     assert torch.equal(auto, newton_schulz(_matrix(SMALL)))
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((9, 0), ("kernel", torch.bfloat16)), ((7, 5), ("reference", torch.float32))],
+    ids=["sm_90", "sm_75"],
+)
+def test_auto_takes_the_kernel_on_cuda_only_where_auto_resolves_to_bf16(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: tuple
+) -> None:
+    """A GPU without bf16 tensor cores runs the torch reference in fp32 (the kernel has no
+    fp32 tensor-core path); one with them the kernel in bf16. The GPU is faked: a stand-in
+    batch on "cuda:0", the capability patched, both implementations recording their call."""
+    from muon_ds.kernels import triton_newton_schulz
+
+    calls = []
+    monkeypatch.setattr(device, "_cuda_capability", lambda _: capability)
+    monkeypatch.setattr(kernels, "_triton_installed", lambda: True)
+    for module, name, label in [
+        (triton_newton_schulz, "newton_schulz_triton", "kernel"),
+        (kernels, "newton_schulz", "reference"),
+    ]:
+        monkeypatch.setattr(
+            module, name, lambda batch, *, dtype, _l=label, **_: calls.append((_l, dtype))
+        )
+    batch = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    orthogonalize(batch, MuonConfig())  # type: ignore[arg-type]
+    assert calls == [expected]
 
 
 def test_ns_backend_error_names_key_value_and_allowed_values() -> None:
@@ -200,7 +233,7 @@ def test_compiled_kernel_on_gpu_is_no_worse_than_torch_bf16_reference(
     matrix = _matrix(shape).cuda()
     exact = newton_schulz(matrix, dtype=torch.float64)
     reference_error = _relative_error(newton_schulz(matrix), exact)
-    result = orthogonalize(matrix, MuonConfig(ns_backend="triton"))
+    result = orthogonalize(matrix, BF16_TRITON)
     assert _relative_error(result, exact) <= MARGIN * reference_error
 
 
