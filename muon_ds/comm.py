@@ -197,8 +197,7 @@ class Exchange:
             matrix = self.plan.matrices[index]
             by_shape.setdefault((matrix.rows, matrix.cols), []).append(matrix)
         for group in by_shape.values():
-            staged = torch.stack([self._assemble(m, incoming, directions) for m in group])
-            result = orthogonalize(staged)
+            result = orthogonalize(self._assemble(group, incoming, directions))
             self.counter.ns_launches += 1
             self.counter.ns_matrices += len(group)
             self.counter.ns_flops += sum(m.flops for m in group)
@@ -213,24 +212,40 @@ class Exchange:
 
     def _assemble(
         self,
-        matrix: MatrixPlan,
+        group: list[MatrixPlan],
         incoming: dict[Piece, torch.Tensor],
         directions: Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        staging = torch.empty(matrix.numel, dtype=self.wire_dtype, device=directions[0].device)
-        for piece in matrix.pieces:
-            source = (
-                self._slot(directions, matrix.name, piece)
-                if piece.holder == self.rank
-                else incoming[piece]
-            )
-            staging[piece.staging : piece.staging + piece.numel].copy_(source)
-        return _stage(matrix, staging)
+        """Same-shape matrices as one ``[k, rows, cols]`` stack in the wire dtype.
+
+        Each piece is copied once, straight into its matrix's row of the stack (one
+        conversion to the NS dtype); only TP column-split matrices need a second copy,
+        to permute their TP blocks into the logical column order.
+        """
+        staging = torch.empty(
+            len(group), group[0].numel, dtype=self.wire_dtype, device=directions[0].device
+        )
+        for matrix, row in zip(group, staging, strict=True):
+            for piece in matrix.pieces:
+                source = (
+                    self._slot(directions, matrix.name, piece)
+                    if piece.holder == self.rank
+                    else incoming[piece]
+                )
+                row[piece.staging : piece.staging + piece.numel].copy_(source)
+        if not any(_permuted(m) for m in group):
+            return staging.view(len(group), group[0].rows, group[0].cols)
+        return torch.stack([_stage(m, row) for m, row in zip(group, staging, strict=True)])
+
+
+def _permuted(matrix: MatrixPlan) -> bool:
+    """Whether staging order differs from the logical matrix's (TP-split columns)."""
+    return matrix.tp_dim == 1 and matrix.tp_size > 1
 
 
 def _stage(matrix: MatrixPlan, staging: torch.Tensor) -> torch.Tensor:
     """Flat staging buffer -> the logical matrix (a view for tp_dim 0, a copy for dim 1)."""
-    if matrix.tp_dim == 1 and matrix.tp_size > 1:
+    if _permuted(matrix):
         local_cols = matrix.cols // matrix.tp_size
         return (
             staging.view(matrix.tp_size, matrix.rows, local_cols)
@@ -242,7 +257,7 @@ def _stage(matrix: MatrixPlan, staging: torch.Tensor) -> torch.Tensor:
 
 def _unstage(matrix: MatrixPlan, orthogonal: torch.Tensor) -> torch.Tensor:
     """Inverse of ``_stage``: the logical matrix back to staging (flat) order."""
-    if matrix.tp_dim == 1 and matrix.tp_size > 1:
+    if _permuted(matrix):
         local_cols = matrix.cols // matrix.tp_size
         return orthogonal.view(matrix.rows, matrix.tp_size, local_cols).permute(1, 0, 2).reshape(-1)
     return orthogonal.reshape(-1)

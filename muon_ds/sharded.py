@@ -256,7 +256,8 @@ class ShardedMuonCore:
         def deliver(matrix: MatrixPlan, slot: Slot, values: torch.Tensor) -> None:
             scale = update_scale(matrix.rows, matrix.cols, cfg.scale_mode)
             shard = self.buffers[slot.buffer][slot.begin : slot.end]
-            shard.add_(values.to(shard.dtype), alpha=-hyper[slot.buffer][0] * scale)
+            # In-place add upcasts the NS-dtype values itself: no fp32 temporary per piece.
+            shard.add_(values, alpha=-hyper[slot.buffer][0] * scale)
 
         for exchange in self._exchanges:
             exchange.run(directions, lambda batch: orthogonalize(batch, cfg), deliver)
