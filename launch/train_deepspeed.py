@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,8 @@ def run(name: str, ds_config: dict[str, Any], args: argparse.Namespace, peak_lr:
     validation = val_batch(corpus.val, n_seqs=64, context=gpt.context)
     warmup = max(1, args.steps // 20)
     curve = []
+    step_seconds: list[float] = []  # forward + backward + step, evaluation left out
+    optimizer_seconds: list[float] = []  # engine.step(): the optimizer and the all-gather
     progress = _progress(args.steps, name) if rank == 0 else None
     deepspeed.comm.comms_logger.comms_dict.clear()
     for step in range(args.steps):
@@ -74,9 +78,13 @@ def run(name: str, ds_config: dict[str, Any], args: argparse.Namespace, peak_lr:
         inputs, targets = train_batch(
             corpus.train, step=step, batch_size=global_batch, context=gpt.context, seed=args.seed
         )
+        started = time.perf_counter()
         loss = lm_loss(engine, inputs[rank::world], targets[rank::world])
         engine.backward(loss)
+        stepping = time.perf_counter()
         engine.step()
+        step_seconds.append(time.perf_counter() - started)
+        optimizer_seconds.append(time.perf_counter() - stepping)
         if step % args.eval_every == 0 or step == args.steps - 1:
             train_loss = loss.detach().clone()
             dist.all_reduce(train_loss)
@@ -97,6 +105,8 @@ def run(name: str, ds_config: dict[str, Any], args: argparse.Namespace, peak_lr:
         "deepspeed_bytes_per_step": _deepspeed_bytes(args.steps),
         "muon_exchange_bytes_per_step": _exchange_bytes(engine) / args.steps,
         "ns_matrices_per_step": _ns_matrices(engine) / args.steps,
+        "step_ms_median": 1e3 * statistics.median(step_seconds),
+        "optimizer_step_ms_median": 1e3 * statistics.median(optimizer_seconds),
     }
 
 
@@ -149,6 +159,11 @@ def report(results: dict[str, dict], args: argparse.Namespace, world: int) -> No
             f"  {op:>26}: MuonDS {muon['deepspeed_bytes_per_step'].get(op, 0):>12,.0f}"
             f"   AdamW {adamw['deepspeed_bytes_per_step'].get(op, 0):>12,.0f}"
         )
+    print("\nstep time on rank 0 (median ms; forward + backward + step, of which engine.step()):")
+    for name, result in results.items():
+        step, optimizer = result["step_ms_median"], result["optimizer_step_ms_median"]
+        ratio = step / adamw["step_ms_median"]
+        print(f"  {name:>6}: {step:8.1f}  ({optimizer:.1f})  {ratio:.2f}x AdamW's step")
     exchange = muon["muon_exchange_bytes_per_step"]
     print(f"  {'muon exchange (all ranks)':>26}: MuonDS {exchange:>12,.0f}   AdamW {0:>12,.0f}")
     print(f"  Newton-Schulz matrices per step (all ranks): {muon['ns_matrices_per_step']:.0f}")
