@@ -79,7 +79,7 @@ def _wanted(device: torch.device) -> str:
         major, minor = _cuda_capability(device)
         return f"compute capability {major}.{minor} < 8.0"
     if device.type == "cpu":
-        return "neither AMX nor AVX-512 BF16"
+        return "neither AMX nor AVX-512 BF16 usable through torch's oneDNN"
     return f"'auto' takes bf16 only on CUDA and CPUs, not {device.type}"
 
 
@@ -92,14 +92,24 @@ def _cuda_capability(device: torch.device) -> tuple[int, int]:
 def _cpu_bf16_units() -> str | None:
     """The CPU's bf16 matrix units as torch's own probes (cpuinfo) see them, or None.
 
-    Cached: the CPU does not change under a running process, and the answer is asked
-    at every Newton-Schulz call.
+    torch multiplies bf16 on a CPU through oneDNN only; where its oneDNN bf16 path is
+    off (a build without it, or an ISA capped by ``ONEDNN_MAX_CPU_ISA`` /
+    ``ATEN_CPU_CAPABILITY``: measured 35x slower than fp32 on an AVX-512 BF16 CPU capped
+    to AVX2) the units are of no use, so none are reported. Cached: the CPU does not
+    change under a running process, and the answer is asked at every Newton-Schulz call.
     """
+    if not _onednn_bf16():
+        return None
     if torch.cpu._is_amx_tile_supported():
         return "AMX"
     if torch.cpu._is_avx512_bf16_supported():
         return "AVX-512 BF16"
     return None
+
+
+def _onednn_bf16() -> bool:
+    """Whether torch routes CPU bf16 matmuls to oneDNN (its own check, ISA caps included)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 __all__ = [

@@ -178,7 +178,7 @@ def _resume(rank: int, world: int, directory: str) -> dict[str, float]:
         (
             None,
             "float32 (ns_dtype 'auto' on cpu: no bf16 matrix units found (neither AMX nor "
-            "AVX-512 BF16))",
+            "AVX-512 BF16 usable through torch's oneDNN))",
         ),
         ("AMX", "bfloat16 (ns_dtype 'auto' on cpu: AMX)"),
     ],

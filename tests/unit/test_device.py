@@ -92,7 +92,7 @@ def test_forced_dtypes_ignore_the_device(cpu_probes: dict[str, bool], units: str
 def test_description_says_what_auto_became_and_why(cpu_probes: dict[str, bool]) -> None:
     assert describe_ns_dtype("auto", "cpu") == (
         "float32 (ns_dtype 'auto' on cpu: no bf16 matrix units found (neither AMX nor "
-        "AVX-512 BF16))"
+        "AVX-512 BF16 usable through torch's oneDNN))"
     )
     cpu_probes.update(avx512_bf16=True)
     device._cpu_bf16_units.cache_clear()
