@@ -68,8 +68,8 @@ def _run_kernels(path: str) -> None:
     when that is a GPU."""
     from muon_ds.kernels import triton_newton_schulz as tns
 
-    compiled = TEST_DEVICE.type == "cuda"
-    assert tns.INTERPRETED != compiled, "interpreted on the CPU, compiled on a GPU"
+    interpreted = TEST_DEVICE.type != "cuda"
+    assert interpreted == tns.INTERPRETED, "interpreted on the CPU, compiled on a GPU"
     outputs = _kernel_outputs(tns)
     torch.save({key: value.cpu() for key, value in outputs.items()}, path)
 
