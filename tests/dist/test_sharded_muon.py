@@ -9,13 +9,19 @@ Tolerances: with ``ns_dtype="float32"`` only matmul summation order may differ, 
 2e-6; with the default bf16 Newton-Schulz the sharded path rounds exactly what the
 single-process path rounds (the wire carries the NS dtype), so results must be bitwise
 equal.
+
+With ``MUON_DS_TEST_DEVICE=cuda`` (the GPU check) every buffer, gradient and reference
+lives on the GPU: gloo carries the CUDA tensors (NCCL refuses two ranks on one GPU), the
+kernel orthogonalises, and each step's host synchronisations are counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -35,7 +41,8 @@ from tests.dist.models import (
     moe_locals,
     tp_locals,
 )
-from tests.dist.zero1 import read_shard, run_ranks, set_shard_grads, zero1_shard
+from tests.conftest import TEST_DEVICE
+from tests.dist.zero1 import move_shard, read_shard, run_ranks, set_shard_grads, zero1_shard
 
 STEPS = 3
 FP32_TOL = 2e-6
@@ -51,13 +58,29 @@ TOLERANCE = {"fp32": FP32_TOL, "bf16": 0.0, "locality": 0.0, "small_buckets": 0.
 
 
 def _reference(shapes: dict[str, tuple[int, ...]], config: MuonConfig) -> dict[str, torch.Tensor]:
-    params = make_params(shapes)
+    params = {name: p.to(TEST_DEVICE) for name, p in make_params(shapes).items()}
     optimizer = Muon(list(params.items()), config)
     for step in range(STEPS):
         for name, grad in make_grads(shapes, step).items():
-            params[name].grad = grad
+            params[name].grad = grad.to(TEST_DEVICE)
         optimizer.step()
-    return params
+    return {name: p.cpu() for name, p in params.items()}
+
+
+@contextlib.contextmanager
+def _host_syncs() -> Iterator[list[warnings.WarningMessage]]:
+    """The synchronising CUDA calls made by this thread inside the block (one warning
+    each, from torch's sync debug mode); an empty list off the GPU."""
+    if TEST_DEVICE.type != "cuda":
+        yield []
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def _train(
@@ -69,12 +92,15 @@ def _train(
     group_ranks: dict[str, int],
 ) -> dict[str, Any]:
     """Train ``STEPS`` sharded steps; report errors against the reference and counts."""
-    shard = shard_of(locals_of(make_params(shapes)))
+    shard = move_shard(shard_of(locals_of(make_params(shapes))), TEST_DEVICE)
     optimizer = ShardedMuon(shard.param_groups, shard.views, config, process_groups)
+    syncs = []
     for step in range(STEPS):
         local_grads = {lp.name: lp.values for lp in locals_of(make_grads(shapes, step))}
         set_shard_grads(shard, local_grads)
-        optimizer.step()
+        with _host_syncs() as caught:
+            optimizer.step()
+        syncs += [f"{w.filename}:{w.lineno}" for w in caught]
     expected = {lp.name: lp.values for lp in locals_of(_reference(shapes, config))}
     errors = {}
     for name, values in expected.items():
@@ -113,6 +139,7 @@ def _train(
         "muon_buffer_numel": sum(b.numel() for a, b in buffers if a == "muon"),
         "wire": wire,
         "views": [(v.name, v.start, v.end) for v in shard.views if v.route == "muon"],
+        "host_syncs": syncs,
     }
 
 
@@ -295,6 +322,23 @@ def test_expert_matrices_move_only_within_their_expert_group(expert_parallel) ->
     for result in (r for by_config in expert_parallel for r in by_config.values()):
         assert set(result["bytes"]) == {"dense", "expert"}
         assert result["bytes"]["expert"] == result["predicted"]["expert"]
+
+
+@pytest.mark.skipif(
+    TEST_DEVICE.type != "cuda", reason="counts CUDA host syncs: MUON_DS_TEST_DEVICE=cuda"
+)
+def test_on_the_gpu_a_step_syncs_the_host_only_for_the_finite_gradient_vote(
+    data_parallel, tensor_parallel, expert_parallel
+) -> None:
+    """The vote's ``.item()`` (one per step: every rank must agree before anything is
+    written) is the only place the step may wait for the GPU; the exchange, Newton-Schulz
+    and the updates are queued without waiting."""
+    vote = "muon_ds/sharded.py"
+    for results in (data_parallel[1], tensor_parallel, expert_parallel):
+        for name, result in ((n, r) for by_config in results for n, r in by_config.items()):
+            others = [where for where in result["host_syncs"] if vote not in where]
+            assert others == [], (name, others)
+            assert len(result["host_syncs"]) == STEPS, (name, result["host_syncs"])
 
 
 # --- bad input: the same clear error on every rank, no hang, nothing written ---------------
