@@ -1,7 +1,8 @@
 """GPU check, parts a and c: the project's own tests, run on the GPU.
 
-``kernel_tests`` (part a): the Newton-Schulz reference's tests and the Triton kernel's
-tests with ``MUON_DS_TEST_DEVICE=cuda``, so the kernel is compiled, not interpreted.
+``kernel_tests`` (part a): the Newton-Schulz reference's tests, the Triton kernel's
+tests and the AdamW part's bit-for-bit test with ``MUON_DS_TEST_DEVICE=cuda``: the
+kernel compiled, not interpreted, and AdamW through torch's fused CUDA kernel.
 ``sharded_step`` (part c): the gloo multi-process tests of the sharded step with every
 buffer on the GPU (gloo carries CUDA tensors; NCCL refuses two ranks on one GPU): equal
 to single-process Muon on the same GPU, bucketed overlap included, and the host
@@ -25,7 +26,11 @@ from benchmarks.gpu_check import PartResult, device_name, markdown_table, write_
 
 SUITES: dict[str, tuple[list[str], list[str]]] = {
     "kernel_tests": (
-        ["tests/unit/test_newton_schulz.py", "tests/unit/test_triton_newton_schulz.py"],
+        [
+            "tests/unit/test_newton_schulz.py",
+            "tests/unit/test_triton_newton_schulz.py",
+            "tests/unit/test_muon.py::test_adamw_part_equals_torch_adamw_bit_for_bit",
+        ],
         ["tests/unit/test_triton_newton_schulz.py", "-k", "symmetric_product"],
     ),
     "sharded_step": (
