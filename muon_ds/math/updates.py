@@ -120,7 +120,9 @@ def adamw_step(
     """
     if not params:
         return
-    fused = _fused(params)
+    # A step count loaded onto the CPU (a checkpoint mapped there) would be a host
+    # pointer inside the fused kernel: such a step takes torch's foreach path instead.
+    fused = _fused(params) and all(step.is_cuda for step in steps)
     _torch_adamw(
         params,
         grads,
