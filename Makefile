@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo megatron-demo sweep test lint venv wheelhouse
+.PHONY: demo megatron-demo sweep test lint venv wheelhouse gpu-check gpu-check-dry-run
 
 venv: $(STAMP)
 
@@ -34,6 +34,16 @@ sweep: $(STAMP)
 # they need beyond a CUDA PyTorch image (Python 3.12, x86-64 manylinux; never torch/triton).
 wheelhouse: $(STAMP)
 	$(PY) -m benchmarks.wheelhouse --out $(WHEELS)
+
+# The GPU check on one CUDA GPU, offline: the wheelhouse installed into a private folder,
+# the machine's own torch and triton. Writes out/gpu_check/report.md and results.json.
+gpu-check:
+	bash benchmarks/gpu_check/install_wheels.sh $(WHEELS) out/gpu_check/site
+	PYTHONPATH=$(CURDIR)/out/gpu_check/site $(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# Every part of the GPU check on this CPU at toy sizes (what CI runs as a test).
+gpu-check-dry-run: $(STAMP)
+	$(PY) -m benchmarks.gpu_check --dry-run $(GPU_CHECK_ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check muon_ds tests benchmarks launch
