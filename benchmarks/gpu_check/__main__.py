@@ -42,9 +42,9 @@ class Part:
 
 
 PARTS = [
-    Part("kernel_tests", ["benchmarks.gpu_check.pytest_part", "kernel_tests"], 100, 300),
+    Part("kernel_tests", ["benchmarks.gpu_check.pytest_part", "kernel_tests"], 170, 300),
     Part("kernel_speed", ["benchmarks.gpu_check.kernel_speed"], 120, 300),
-    Part("sharded_step", ["benchmarks.gpu_check.pytest_part", "sharded_step"], 110, 300),
+    Part("sharded_step", ["benchmarks.gpu_check.pytest_part", "sharded_step"], 130, 300),
     Part("deepspeed_train", ["benchmarks.gpu_check.deepspeed_train"], 100, 600),
     Part("megatron_train", ["benchmarks.gpu_check.megatron_train"], 140, 600),
 ]

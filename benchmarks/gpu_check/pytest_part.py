@@ -77,7 +77,8 @@ def main() -> None:
     status = pytest.main(
         [
             *(dry_run_args if args.dry_run else gpu_args),
-            "-q",
+            "-v",  # each test's name as it ends: a part killed at its box shows where
+            "--durations=10",
             "-p",
             "no:cacheprovider",
             f"--junitxml={junit}",

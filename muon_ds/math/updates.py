@@ -84,11 +84,12 @@ def adamw_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
 
     The step count lives on the param's device where ``adamw_step`` takes torch's fused
     kernel, which reads it on the GPU (a CPU count there is a host pointer the kernel
-    cannot read), and on the CPU otherwise.
+    cannot read), and on the CPU otherwise. It is made by ``zeros``, not from a Python
+    number: that would be a host-to-device copy, which waits for the GPU.
     """
     return {
-        "step": torch.tensor(
-            0.0, dtype=torch.float32, device=param.device if _fused([param]) else None
+        "step": torch.zeros(
+            (), dtype=torch.float32, device=param.device if _fused([param]) else None
         ),
         "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
         "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
