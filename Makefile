@@ -2,11 +2,12 @@
 # Both create .venv from the pinned constraints when it is missing or out of date.
 PYTHON ?= python3
 RANKS ?= 2
+WHEELS ?= out/wheelhouse
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo megatron-demo sweep test lint venv
+.PHONY: demo megatron-demo sweep test lint venv wheelhouse gpu-check gpu-check-dry-run
 
 venv: $(STAMP)
 
@@ -28,6 +29,21 @@ megatron-demo: $(STAMP)
 # Single process: each optimizer at the best lr of a small sweep (how the demo's lrs were chosen).
 sweep: $(STAMP)
 	$(PY) launch/demo.py $(SWEEP_ARGS)
+
+# Offline wheels for the GPU check in $(WHEELS): muon_ds, DeepSpeed, Megatron-core and what
+# they need beyond a CUDA PyTorch image (Python 3.12, x86-64 manylinux; never torch/triton).
+wheelhouse: $(STAMP)
+	$(PY) -m benchmarks.wheelhouse --out $(WHEELS)
+
+# The GPU check on one CUDA GPU, offline: the wheelhouse installed into a private folder,
+# the machine's own torch and triton. Writes out/gpu_check/report.md and results.json.
+gpu-check:
+	bash benchmarks/gpu_check/install_wheels.sh $(WHEELS) out/gpu_check/site
+	PYTHONPATH=$(CURDIR)/out/gpu_check/site $(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# Every part of the GPU check on this CPU at toy sizes (what CI runs as a test).
+gpu-check-dry-run: $(STAMP)
+	$(PY) -m benchmarks.gpu_check --dry-run $(GPU_CHECK_ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check muon_ds tests benchmarks launch

@@ -23,8 +23,9 @@ from benchmarks.shapes import ModelShape
 def _rotary(x: torch.Tensor) -> torch.Tensor:
     """Rotate ``[batch, heads, seq, head_dim]`` pairs by position (RoPE, base 10000)."""
     seq, dim = x.shape[-2], x.shape[-1]
-    inverse = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inverse)
+    positions = torch.arange(seq, dtype=torch.float32, device=x.device)
+    inverse = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+    angles = torch.outer(positions, inverse)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)

@@ -18,6 +18,7 @@ from muon_ds.config import MuonConfig
 from muon_ds.kernels import orthogonalize
 from muon_ds.layout import route_param, tag_embeddings
 from muon_ds.math import (
+    adamw_state,
     adamw_step,
     all_finite,
     apply_muon_update,
@@ -112,9 +113,7 @@ class Muon(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state.update(adamw_state(p))
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])

@@ -30,7 +30,7 @@ from muon_ds.config import MuonConfig
 from muon_ds.device import resolve_ns_dtype
 from muon_ds.kernels import orthogonalize
 from muon_ds.layout import ShardView
-from muon_ds.math import adamw_step, all_finite, muon_direction, update_scale
+from muon_ds.math import adamw_state, adamw_step, all_finite, muon_direction, update_scale
 from muon_ds.plan import MatrixPlan, Plan, PlanError, build_plan
 
 logger = logging.getLogger("muon_ds")
@@ -271,9 +271,7 @@ class ShardedMuonCore:
         buffer_state: MutableMapping[str, Any],
     ) -> None:
         if not buffer_state:
-            buffer_state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            buffer_state["exp_avg"] = torch.zeros_like(buffer)
-            buffer_state["exp_avg_sq"] = torch.zeros_like(buffer)
+            buffer_state.update(adamw_state(buffer))
         adamw_step(
             [buffer],
             [grad],

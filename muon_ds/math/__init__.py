@@ -8,6 +8,7 @@ from muon_ds.math.newton_schulz import (
     newton_schulz_flops,
 )
 from muon_ds.math.updates import (
+    adamw_state,
     adamw_step,
     all_finite,
     apply_muon_update,
@@ -19,6 +20,7 @@ from muon_ds.math.updates import (
 __all__ = [
     "MOONLIGHT_COEFFICIENTS",
     "POLAR_EXPRESS_COEFFICIENTS",
+    "adamw_state",
     "adamw_step",
     "all_finite",
     "apply_muon_update",

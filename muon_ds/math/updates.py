@@ -79,6 +79,30 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.isfinite().all() for t in tensors]).all()
 
 
+def adamw_state(param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fresh AdamW state for ``param``, laid out as ``torch.optim.AdamW`` lays it.
+
+    The step count lives on the param's device where ``adamw_step`` takes torch's fused
+    kernel, which reads it on the GPU (a CPU count there is a host pointer the kernel
+    cannot read), and on the CPU otherwise. It is made by ``zeros``, not from a Python
+    number: that would be a host-to-device copy, which waits for the GPU.
+    """
+    return {
+        "step": torch.zeros(
+            (), dtype=torch.float32, device=param.device if _fused([param]) else None
+        ),
+        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+    }
+
+
+def _fused(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes ``params``: CUDA tensors of float dtypes."""
+    return all(p.is_cuda for p in params) and all(
+        p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
+
+
 def adamw_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -97,9 +121,9 @@ def adamw_step(
     """
     if not params:
         return
-    fused = all(p.is_cuda for p in params) and all(
-        p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
-    )
+    # A step count loaded onto the CPU (a checkpoint mapped there) would be a host
+    # pointer inside the fused kernel: such a step takes torch's foreach path instead.
+    fused = _fused(params) and all(step.is_cuda for step in steps)
     _torch_adamw(
         params,
         grads,

@@ -44,7 +44,7 @@ from megatron.core.utils import get_model_config, get_pg_rank
 from muon_ds.config import MuonConfig
 from muon_ds.device import describe_ns_dtype
 from muon_ds.layout import TensorParallel
-from muon_ds.math import all_finite
+from muon_ds.math import adamw_state, all_finite
 from muon_ds.megatron.views import (
     DENSE,
     DENSE_TP,
@@ -73,9 +73,7 @@ def init_muon_state(optimizer: ShardedMuon, config: OptimizerConfig | None = Non
             if group["algorithm"] == "muon":
                 state[MOMENTUM] = torch.zeros_like(shard, dtype=torch.float32)
             else:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(shard)
-                state["exp_avg_sq"] = torch.zeros_like(shard)
+                state.update(adamw_state(shard))
 
 
 class MuonDistributedOptimizer(DistributedOptimizer):

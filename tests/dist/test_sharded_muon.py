@@ -6,9 +6,13 @@ check every element. Each scenario is one spawn of gloo processes (module-scoped
 fixtures) whose results several tests read. Counted quantities are asserted exactly.
 
 Tolerances: with ``ns_dtype="float32"`` only matmul summation order may differ, so
-2e-6; with bf16 Newton-Schulz (forced: "auto" would follow the CPU) the sharded path
+2e-6; with bf16 Newton-Schulz (forced: "auto" would follow the device) the sharded path
 rounds exactly what the single-process path rounds (the wire carries the NS dtype), so
 results must be bitwise equal.
+
+With ``MUON_DS_TEST_DEVICE=cuda`` (the GPU check) every buffer, gradient and reference
+lives on the GPU: gloo carries the CUDA tensors (NCCL refuses two ranks on one GPU), the
+kernel orthogonalises, and each step's host synchronisations are counted.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,7 +42,8 @@ from tests.dist.models import (
     moe_locals,
     tp_locals,
 )
-from tests.dist.zero1 import read_shard, run_ranks, set_shard_grads, zero1_shard
+from tests.conftest import TEST_DEVICE
+from tests.dist.zero1 import move_shard, read_shard, run_ranks, set_shard_grads, zero1_shard
 
 STEPS = 3
 FP32_TOL = 2e-6
@@ -52,13 +59,35 @@ TOLERANCE = {"fp32": FP32_TOL, "bf16": 0.0, "locality": 0.0, "small_buckets": 0.
 
 
 def _reference(shapes: dict[str, tuple[int, ...]], config: MuonConfig) -> dict[str, torch.Tensor]:
-    params = make_params(shapes)
+    params = {name: p.to(TEST_DEVICE) for name, p in make_params(shapes).items()}
     optimizer = Muon(list(params.items()), config)
     for step in range(STEPS):
         for name, grad in make_grads(shapes, step).items():
-            params[name].grad = grad
+            params[name].grad = grad.to(TEST_DEVICE)
         optimizer.step()
-    return params
+    return {name: p.cpu() for name, p in params.items()}
+
+
+@contextlib.contextmanager
+def _host_syncs() -> Iterator[list[str]]:
+    """The synchronising CUDA calls made inside the block, one Python stack each (torch's
+    sync debug mode warns at each); an empty list off the GPU."""
+    if TEST_DEVICE.type != "cuda":
+        yield []
+        return
+    stacks: list[str] = []
+
+    def record(*_: Any, **__: Any) -> None:
+        stacks.append("".join(traceback.format_stack(limit=12)[:-1]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield stacks
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def _train(
@@ -70,12 +99,15 @@ def _train(
     group_ranks: dict[str, int],
 ) -> dict[str, Any]:
     """Train ``STEPS`` sharded steps; report errors against the reference and counts."""
-    shard = shard_of(locals_of(make_params(shapes)))
+    shard = move_shard(shard_of(locals_of(make_params(shapes))), TEST_DEVICE)
     optimizer = ShardedMuon(shard.param_groups, shard.views, config, process_groups)
+    syncs: list[list[str]] = []
     for step in range(STEPS):
         local_grads = {lp.name: lp.values for lp in locals_of(make_grads(shapes, step))}
         set_shard_grads(shard, local_grads)
-        optimizer.step()
+        with _host_syncs() as stacks:
+            optimizer.step()
+        syncs.append(stacks)
     expected = {lp.name: lp.values for lp in locals_of(_reference(shapes, config))}
     errors = {}
     for name, values in expected.items():
@@ -115,6 +147,7 @@ def _train(
         "wire": wire,
         "ns_dtype": str(optimizer.core.ns_dtype),
         "views": [(v.name, v.start, v.end) for v in shard.views if v.route == "muon"],
+        "host_syncs": syncs,
     }
 
 
@@ -310,18 +343,20 @@ def test_expert_matrices_move_only_within_their_expert_group(expert_parallel) ->
         assert result["bytes"]["expert"] == result["predicted"]["expert"]
 
 
-# --- ns_dtype "auto": the CPU decides, the wire follows ------------------------------------
+# --- ns_dtype "auto": the device decides, the wire follows ---------------------------------
 
 
 @contextlib.contextmanager
-def _cpu_bf16_units(units: str | None) -> Iterator[None]:
-    """Inside a rank: make ``muon_ds.device`` see a CPU with (or without) bf16 units."""
-    real = device._cpu_bf16_units
+def _bf16_units(units: str | None) -> Iterator[None]:
+    """Inside a rank: make ``muon_ds.device`` see a device with (or without) bf16 units:
+    the CPU's probe, and a GPU's compute capability (Hopper, or Turing without them)."""
+    real = device._cpu_bf16_units, device._cuda_capability
     device._cpu_bf16_units = lambda: units  # type: ignore[assignment]
+    device._cuda_capability = lambda _: (9, 0) if units else (7, 5)  # type: ignore[assignment]
     try:
         yield
     finally:
-        device._cpu_bf16_units = real
+        device._cpu_bf16_units, device._cuda_capability = real
 
 
 AUTO_CPUS = {"no_bf16_units": None, "avx512_bf16": "AVX-512 BF16"}
@@ -335,7 +370,7 @@ def _auto_dtype(rank: int, world: int) -> dict[str, Any]:
     assert config.ns_dtype == "auto"
     results = {}
     for name, units in AUTO_CPUS.items():
-        with _cpu_bf16_units(units):
+        with _bf16_units(units):
             results[name] = _train(
                 config,
                 DENSE_SHAPES,
@@ -372,6 +407,25 @@ def test_auto_runs_and_sends_what_the_cpu_multiplies_fast(
     held = _held(auto_dtype, cpu)
     moved = sum(r[cpu]["bytes"]["dense"] for r in auto_dtype)
     assert moved == _locality_bytes(held, wire) > 0
+
+
+@pytest.mark.skipif(
+    TEST_DEVICE.type != "cuda", reason="counts CUDA host syncs: MUON_DS_TEST_DEVICE=cuda"
+)
+def test_on_the_gpu_a_step_syncs_the_host_only_for_the_finite_gradient_vote(
+    data_parallel, tensor_parallel, expert_parallel
+) -> None:
+    """After the first step (which creates state and autotunes the kernel per shape), the
+    vote's ``.item()`` is the only place a step waits for the GPU: every rank must agree
+    before anything is written. The exchange, Newton-Schulz and the updates are queued
+    without waiting."""
+    vote = "in _all_ranks_finite"
+    for results in (data_parallel[1], tensor_parallel, expert_parallel):
+        for name, result in ((n, r) for by_config in results for n, r in by_config.items()):
+            for stacks in result["host_syncs"][1:]:
+                others = [stack for stack in stacks if vote not in stack]
+                assert others == [], (name, "\n".join(others))
+                assert len(stacks) == 1, (name, "\n".join(stacks))
 
 
 # --- bad input: the same clear error on every rank, no hang, nothing written ---------------
@@ -439,7 +493,7 @@ def _bad_inputs(rank: int, world: int) -> dict[str, str]:
 
 
 def _on_cpu(units: str | None, run: Callable[[], str]) -> str:
-    with _cpu_bf16_units(units):
+    with _bf16_units(units):
         return run()
 
 

@@ -94,6 +94,13 @@ def zero1_shard(
     return shard
 
 
+def move_shard(shard: Zero1Shard, device: torch.device) -> Zero1Shard:
+    """The same shard with its buffers on ``device`` (a framework's shards live on its GPU)."""
+    for group in shard.param_groups:
+        group["params"] = [b.to(device) for b in group["params"]]
+    return shard
+
+
 def set_shard_grads(shard: Zero1Shard, local_grads: dict[str, torch.Tensor]) -> None:
     """Give each buffer the (already averaged) gradient of the elements it holds."""
     buffers = [b for g in shard.param_groups for b in g["params"]]
@@ -111,7 +118,7 @@ def read_shard(shard: Zero1Shard, name: str) -> tuple[int, int, torch.Tensor] | 
         return None
     buffers = [b for g in shard.param_groups for b in g["params"]]
     index, offset, start, end = shard.slices[name]
-    return start, end, buffers[index][offset : offset + end - start].clone()
+    return start, end, buffers[index][offset : offset + end - start].to("cpu", copy=True)
 
 
 def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, queue: Any) -> None:

@@ -11,6 +11,11 @@ compare them with the float64 and torch references computed in the parent.
 The interpreter is slow (about a second of CPU per 5-step Newton-Schulz on a 64 x 64
 matrix), so the shapes are small; they still span several of the interpreter's 32-row
 tiles, so the triangle, the mirror, the masks and the batch offsets are all exercised.
+
+With ``MUON_DS_TEST_DEVICE=cuda`` (the GPU check) the same child runs the compiled
+kernels on the GPU instead, and every test below checks the compiled code. Its
+autotuned tiles are 64 or 128 wide, so there the small shapes fit one or two tiles;
+the larger shapes of the GPU-only test at the end reach the triangle and the masks.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +33,7 @@ from muon_ds import device, kernels
 from muon_ds.config import MuonConfig, MuonConfigError
 from muon_ds.kernels import orthogonalize
 from muon_ds.math import newton_schulz
+from tests.conftest import TEST_DEVICE
 
 SHAPES: dict[str, tuple[int, ...]] = {
     "square": (64, 64),
@@ -49,7 +55,7 @@ which five Newton-Schulz steps amplify (see ENVIRONMENT.md)."""
 
 
 def _matrix(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """The same fp32 test input in the parent and in the child."""
+    """The same fp32 test input (on the CPU) in the parent and in the child."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -58,34 +64,47 @@ def _relative_error(result: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def _run_kernels(path: str) -> None:
-    """Child process (TRITON_INTERPRET=1): every kernel output the tests use, saved to ``path``."""
+    """Child process: every kernel output the tests use, saved to ``path`` (on the CPU).
+
+    Interpreted (TRITON_INTERPRET=1) on CPU tensors, or compiled on ``TEST_DEVICE``
+    when that is a GPU."""
     from muon_ds.kernels import triton_newton_schulz as tns
 
-    assert tns.INTERPRETED, "the child must import the kernel module under TRITON_INTERPRET=1"
+    interpreted = TEST_DEVICE.type != "cuda"
+    assert interpreted == tns.INTERPRETED, "interpreted on the CPU, compiled on a GPU"
+    outputs = _kernel_outputs(tns)
+    torch.save({key: value.cpu() for key, value in outputs.items()}, path)
+
+
+def _kernel_outputs(tns: ModuleType) -> dict[str, torch.Tensor]:
+    def on_device(shape: tuple[int, ...]) -> torch.Tensor:
+        return _matrix(shape).to(TEST_DEVICE)
+
     outputs = {}
     for name, shape in SHAPES.items():
         for coefficients in COEFFICIENTS:
             config = MuonConfig(
                 ns_backend="triton", ns_coefficients=coefficients, ns_dtype="bfloat16"
             )
-            outputs[f"{name}-{coefficients}"] = orthogonalize(_matrix(shape), config)
+            outputs[f"{name}-{coefficients}"] = orthogonalize(on_device(shape), config)
     fp32 = MuonConfig(ns_backend="triton", ns_dtype="float32")
-    outputs["float32"] = orthogonalize(_matrix(SHAPES["odd"]), fp32)
-    outputs["small-dispatched"] = orthogonalize(_matrix(SMALL), BF16_TRITON)
-    outputs["small-direct"] = tns.newton_schulz_triton(_matrix(SMALL))
-    p, q = _symmetric_product_inputs()
-    outputs["gram"] = tns.symmetric_product(p, torch.full((2, 70, 70), float("nan")))
+    outputs["float32"] = orthogonalize(on_device(SHAPES["odd"]), fp32)
+    outputs["small-dispatched"] = orthogonalize(on_device(SMALL), BF16_TRITON)
+    outputs["small-direct"] = tns.newton_schulz_triton(on_device(SMALL))
+    p, q = (t.to(TEST_DEVICE) for t in _symmetric_product_inputs())
+    outputs["gram"] = tns.symmetric_product(p, torch.full_like(q, float("nan")))
     outputs["poly"] = tns.symmetric_product(
         q, torch.full_like(q, float("nan")), alpha=2.0, beta=-3.0, add=q
     )
-    torch.save(outputs, path)
+    return outputs
 
 
 def _symmetric_product_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """A [2, 70, 45] stack (3 x 3 tiles of 32, the last ones partial: 6 programs per
     matrix) and a symmetric [2, 70, 70] stack, in fp32 so results compare tightly."""
     p = _matrix((2, 70, 45), seed=1)
-    return p, p @ p.mT / 45
+    gram = p @ p.mT / 45
+    return p, (gram + gram.mT) / 2  # a BLAS product need not be bitwise symmetric; this is
 
 
 @pytest.fixture(scope="module")
@@ -94,18 +113,21 @@ def kernel_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.
     root = Path(__file__).resolve().parents[2]
     env = {
         **os.environ,
-        "TRITON_INTERPRET": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
     }
+    if TEST_DEVICE.type == "cuda":
+        env.pop("TRITON_INTERPRET", None)
+    else:
+        env["TRITON_INTERPRET"] = "1"
     child = subprocess.run(
-        [sys.executable, __file__, str(path)],
+        [sys.executable, "-m", "tests.unit.test_triton_newton_schulz", str(path)],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
-    assert child.returncode == 0, f"interpreter run failed:\n{child.stderr[-4000:]}"
+    assert child.returncode == 0, f"kernel run failed:\n{child.stderr[-4000:]}"
     return torch.load(path)
 
 
