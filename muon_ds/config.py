@@ -22,6 +22,10 @@ NS_DTYPES = ("auto", *NS_DTYPE_BY_NAME)
 NS_BACKENDS = ("auto", "torch", "triton")
 
 
+ADAM_KEY_ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps"}
+"""DeepSpeed's and Hugging Face's Adam keys -> the MuonConfig keys of the AdamW part."""
+
+
 class MuonConfigError(ValueError):
     """A MuonConfig key has a value that is not allowed."""
 
@@ -35,6 +39,12 @@ class MuonConfig:
 
     weight_decay: float = 0.1
     """Decoupled weight decay for both parts: ``W <- W * (1 - lr * weight_decay)``."""
+
+    decay_vectors_and_embeddings: bool = True
+    """Apply ``weight_decay`` to parameters of ndim < 2 (norm weights, biases) and embedding
+    tables too, as Moonlight does (everything decays). ``False`` exempts them, as Hugging
+    Face and most GPT recipes do; embeddings are ``nn.Embedding`` weights, found by module
+    type when the optimizer is given the model (or tagged by ``muon_ds.tag_embeddings``)."""
 
     momentum: float = 0.95
     """Muon momentum ``mu`` in ``M <- mu * M + G`` (heavy-ball form, not an EMA)."""
@@ -95,6 +105,7 @@ class MuonConfig:
     def __post_init__(self) -> None:
         _check_number("lr", self.lr, low=0.0)
         _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_bool("decay_vectors_and_embeddings", self.decay_vectors_and_embeddings)
         _check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         _check_bool("nesterov", self.nesterov)
         _check_int("ns_steps", self.ns_steps, low=1)
@@ -131,18 +142,44 @@ class MuonConfig:
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> MuonConfig:
-        """Build from a plain dict (a DeepSpeed JSON ``"params"``); unknown keys are errors."""
+        """Build from a plain dict (a DeepSpeed JSON ``"params"``); unknown keys are errors.
+
+        DeepSpeed's and Hugging Face's Adam keys ``betas`` and ``eps`` are accepted as
+        ``adamw_betas`` and ``adamw_eps`` (``ADAM_KEY_ALIASES``), so HF's DeepSpeed
+        template, which fills them from ``TrainingArguments``, works unchanged.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
+        unknown = sorted(set(params) - known - set(ADAM_KEY_ALIASES))
         if unknown:
             raise MuonConfigError(
-                f"unknown MuonConfig key(s) {unknown}; allowed keys: {sorted(known)}"
+                f"unknown MuonConfig key(s) {unknown}; allowed keys: "
+                f"{sorted(known | set(ADAM_KEY_ALIASES))}"
             )
-        return cls(**dict(params))
+        for key, value in params.items():
+            if isinstance(value, str) and value == "auto" and key not in _STRING_KEYS:
+                raise MuonConfigError(
+                    f"{key}='auto' is not allowed here: only Hugging Face's Trainer fills "
+                    "'auto' (from TrainingArguments) before DeepSpeed starts; without it, "
+                    "give a value"
+                )
+        values = dict(params)
+        for alias, key in ADAM_KEY_ALIASES.items():
+            if alias in values:
+                if key in values:
+                    raise MuonConfigError(
+                        f"{alias}={values[alias]!r} and {key}={values[key]!r} are both given; "
+                        f"{alias} is DeepSpeed's name for {key}: give one of them"
+                    )
+                values[key] = values.pop(alias)
+        return cls(**values)
 
     def replace(self, **changes: Any) -> MuonConfig:
         """A copy with some fields changed, validated like a new config."""
         return dataclasses.replace(self, **changes)
+
+
+_STRING_KEYS = frozenset(f.name for f in dataclasses.fields(MuonConfig) if f.type in ("str", str))
+"""Keys whose values are strings, where "auto" may be a real choice (``ns_dtype``)."""
 
 
 def _check_bool(key: str, value: Any) -> None:
@@ -181,6 +218,7 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 __all__ = [
+    "ADAM_KEY_ALIASES",
     "NS_BACKENDS",
     "NS_COEFFICIENT_SETS",
     "NS_DTYPES",

@@ -22,6 +22,19 @@ from muon_ds.config import MuonConfig
 Route = Literal["muon", "adamw"]
 ROUTE_ATTR = "muon_ds_route"
 ROUTES: tuple[Route, ...] = ("muon", "adamw")
+EMBEDDING_ATTR = "muon_ds_embedding"
+"""Set (True) by ``tag_embeddings`` on every ``nn.Embedding`` weight, whatever its route:
+what ``MuonConfig.decay_vectors_and_embeddings`` calls an embedding."""
+
+GroupKey = tuple[Route, bool]
+"""How a parameter is grouped: its route, and whether weight decay applies to it."""
+GROUP_KEYS: tuple[GroupKey, ...] = (
+    ("muon", True),
+    ("muon", False),
+    ("adamw", True),
+    ("adamw", False),
+)
+"""Order in which a user group's split groups are laid out (decayed before exempt)."""
 
 
 def set_route(param: torch.Tensor, route: Route) -> None:
@@ -36,14 +49,14 @@ def tag_embeddings(model: torch.nn.Module) -> None:
 
     Finds embeddings by module type rather than by name, so a model whose names do not
     say "embed" (an ``nn.Sequential``) still follows Moonlight's rule. A tied output head
-    is the embedding's own tensor and is caught too. Explicit tags are kept.
+    is the embedding's own tensor and is caught too. Explicit tags are kept; every
+    embedding weight is also marked (``EMBEDDING_ATTR``) for the weight-decay exemption.
     """
     for module in model.modules():
-        if (
-            isinstance(module, torch.nn.Embedding)
-            and getattr(module.weight, ROUTE_ATTR, None) is None
-        ):
-            set_route(module.weight, "adamw")
+        if isinstance(module, torch.nn.Embedding):
+            setattr(module.weight, EMBEDDING_ATTR, True)
+            if getattr(module.weight, ROUTE_ATTR, None) is None:
+                set_route(module.weight, "adamw")
 
 
 def route_param(name: str | None, param: torch.Tensor, config: MuonConfig) -> Route:
@@ -68,6 +81,25 @@ def route_param(name: str | None, param: torch.Tensor, config: MuonConfig) -> Ro
             f"by {source}, but Muon needs ndim >= 2; route it to 'adamw'"
         )
     return route
+
+
+def decays(param: torch.Tensor, config: MuonConfig) -> bool:
+    """Whether weight decay applies to ``param``: always, unless the config exempts
+    ndim < 2 parameters and embeddings (``decay_vectors_and_embeddings=False``)."""
+    if config.decay_vectors_and_embeddings:
+        return True
+    return not (param.ndim < 2 or getattr(param, EMBEDDING_ATTR, False))
+
+
+def group_key(name: str | None, param: torch.Tensor, config: MuonConfig) -> GroupKey:
+    """The split group ``param`` joins: its route and whether it decays."""
+    return route_param(name, param, config), decays(param, config)
+
+
+def split_group_settings(key: GroupKey) -> dict[str, object]:
+    """What a split group overrides in its user group's settings: an exempt group's
+    weight decay is 0, whatever the user group says."""
+    return {} if key[1] else {"weight_decay": 0.0}
 
 
 @dataclass(frozen=True)

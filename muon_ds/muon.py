@@ -16,7 +16,7 @@ import torch
 
 from muon_ds.config import MuonConfig
 from muon_ds.kernels import orthogonalize
-from muon_ds.layout import route_param, tag_embeddings
+from muon_ds.layout import GROUP_KEYS, group_key, split_group_settings, tag_embeddings
 from muon_ds.math import (
     adamw_state,
     adamw_step,
@@ -26,6 +26,7 @@ from muon_ds.math import (
     muon_direction,
     update_scale,
 )
+from muon_ds.routing import RoutedTensor, RoutingReport, print_on_rank0
 
 logger = logging.getLogger("muon_ds")
 
@@ -46,8 +47,10 @@ class Muon(torch.optim.Optimizer):
     type (``tag_embeddings``) and is the safest way to follow Moonlight's rule.
 
     Each group is split in two, one per algorithm, marked by the group key
-    ``"algorithm"``. ``lr`` and ``weight_decay`` are read from the group at every step
-    (so LR schedulers work); the other knobs come from ``config``.
+    ``"algorithm"`` (and, with ``decay_vectors_and_embeddings=False``, the exempt
+    parameters into groups of their own with weight decay 0). ``lr`` and ``weight_decay``
+    are read from the group at every step (so LR schedulers work); the other knobs come
+    from ``config``. The first step prints the routing (``muon_ds.routing_report``).
 
     Non-finite gradients: if any gradient holds a NaN or an Inf, the whole step is
     skipped (no parameter and no state changes), ``skipped_steps`` is incremented,
@@ -62,6 +65,7 @@ class Muon(torch.optim.Optimizer):
         groups = _split_by_route(params, self.config)
         defaults = {"lr": self.config.lr, "weight_decay": self.config.weight_decay}
         super().__init__(groups, defaults)
+        self._reported = False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -69,6 +73,9 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._reported:
+            self._reported = True
+            print_on_rank0(RoutingReport(tuple(self.routed_tensors())).lines())
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         self.last_step_skipped = not bool(all_finite(grads))
         if self.last_step_skipped:
@@ -131,6 +138,26 @@ class Muon(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
         )
 
+    def routed_tensors(self) -> list[RoutedTensor]:
+        """Every parameter's name, shape, route and weight decay (``muon_ds.routing_report``).
+
+        Names are those passed (``named_parameters()`` or the model); an unnamed tensor is
+        ``<param i>``, its position among all the optimizer's parameters.
+        """
+        rows = []
+        for group in self.param_groups:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, param in zip(names, group["params"], strict=True):
+                rows.append(
+                    RoutedTensor(
+                        name=name or f"<param {len(rows)}>",
+                        shape=tuple(param.shape),
+                        route=group["algorithm"],
+                        weight_decay=group["weight_decay"],
+                    )
+                )
+        return rows
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like ``torch.optim.Optimizer.load_state_dict``, but momentum stays fp32.
 
@@ -149,7 +176,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def _split_by_route(params: ParamsT, config: MuonConfig) -> list[dict[str, Any]]:
-    """User param groups -> one Muon and one AdamW group per user group (empty ones dropped)."""
+    """User param groups -> one group per route (and decay exemption) per user group,
+    empty ones dropped."""
     if isinstance(params, torch.nn.Module):
         tag_embeddings(params)
         params = params.named_parameters()
@@ -161,21 +189,28 @@ def _split_by_route(params: ParamsT, config: MuonConfig) -> list[dict[str, Any]]
     unnamed_matrices = 0
     for user_group in user_groups:
         members = list(user_group["params"])
-        split: dict[str, list[Any]] = {"muon": [], "adamw": []}
+        split: dict[tuple[str, bool], list[Any]] = {key: [] for key in GROUP_KEYS}
         for member in members:
             name, param = member if isinstance(member, tuple) else (None, member)
             if not isinstance(param, torch.Tensor):
                 raise TypeError(
                     f"Muon params must be tensors or (name, tensor) pairs, got {type(param)}"
                 )
-            route = route_param(name, param, config)
-            unnamed_matrices += name is None and route == "muon"
+            key = group_key(name, param, config)
+            unnamed_matrices += name is None and key[0] == "muon"
             # torch.optim keeps (name, tensor) pairs as the group's "param_names".
-            split[route].append(member)
+            split[key].append(member)
         extra = {k: v for k, v in user_group.items() if k != "params"}
-        for route, route_members in split.items():
-            if route_members:
-                groups.append({**extra, "params": route_members, "algorithm": route})
+        for key, key_members in split.items():
+            if key_members:
+                groups.append(
+                    {
+                        **extra,
+                        **split_group_settings(key),
+                        "params": key_members,
+                        "algorithm": key[0],
+                    }
+                )
     if unnamed_matrices:
         logger.info(
             "muon_ds: %d unnamed matrices routed to Muon by shape; pass named_parameters() "

@@ -63,6 +63,8 @@ ERROR_CASES: list[tuple[str, Any, str]] = [
     ("owner_imbalance_limit", "1.1", "expected a number in [1.0, inf)"),
     ("exchange_bucket_mb", 0, POSITIVE),
     ("exchange_bucket_mb", -64.0, POSITIVE),
+    ("decay_vectors_and_embeddings", "false", "expected true or false"),
+    ("decay_vectors_and_embeddings", 0, "expected true or false"),
 ]
 
 
@@ -119,12 +121,51 @@ def test_moonlight_coefficients_allow_any_number_of_steps() -> None:
 
 
 def test_unknown_key_error_names_it_and_lists_allowed_keys() -> None:
-    allowed = sorted(f.name for f in dataclasses.fields(MuonConfig))
+    allowed = sorted({f.name for f in dataclasses.fields(MuonConfig)} | {"betas", "eps"})
     with pytest.raises(
         MuonConfigError,
-        match=re.escape(f"unknown MuonConfig key(s) ['betas', 'muon_lr']; allowed keys: {allowed}"),
+        match=re.escape(
+            f"unknown MuonConfig key(s) ['adam_w_mode', 'muon_lr']; allowed keys: {allowed}"
+        ),
     ):
-        MuonConfig.from_dict({"lr": 1e-3, "muon_lr": 2e-2, "betas": [0.9, 0.95]})
+        MuonConfig.from_dict({"lr": 1e-3, "muon_lr": 2e-2, "adam_w_mode": True})
+
+
+def test_deepspeed_adam_keys_set_the_adamw_part() -> None:
+    """HF's DeepSpeed template fills "betas" and "eps" from TrainingArguments."""
+    config = MuonConfig.from_dict({"lr": 0.02, "betas": [0.8, 0.98], "eps": 1e-6})
+    assert (config.adamw_betas, config.adamw_eps) == ((0.8, 0.98), 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("alias", "key", "value"), [("betas", "adamw_betas", [0.9, 0.95]), ("eps", "adamw_eps", 1e-8)]
+)
+def test_an_adam_key_and_its_muon_ds_name_together_are_refused(
+    alias: str, key: str, value: Any
+) -> None:
+    with pytest.raises(
+        MuonConfigError,
+        match=re.escape(
+            f"{alias}={value!r} and {key}={value!r} are both given; "
+            f"{alias} is DeepSpeed's name for {key}"
+        ),
+    ):
+        MuonConfig.from_dict({alias: value, key: value})
+
+
+@pytest.mark.parametrize("key", ["lr", "betas", "weight_decay"])
+def test_an_unfilled_auto_says_only_hugging_face_fills_it(key: str) -> None:
+    with pytest.raises(
+        MuonConfigError,
+        match=re.escape(
+            f"{key}='auto' is not allowed here: only Hugging Face's Trainer fills 'auto'"
+        ),
+    ):
+        MuonConfig.from_dict({key: "auto"})
+
+
+def test_auto_stays_a_real_choice_of_ns_dtype() -> None:
+    assert MuonConfig.from_dict({"ns_dtype": "auto"}).ns_dtype == "auto"
 
 
 def test_replace_validates_like_construction() -> None:
@@ -138,6 +179,7 @@ def test_defaults_are_moonlight() -> None:
     assert config.weight_decay == 0.1
     assert config.momentum == 0.95
     assert config.nesterov is True
+    assert config.decay_vectors_and_embeddings is True  # Moonlight decays everything
     assert config.ns_steps == 5
     assert config.ns_coefficients == "moonlight"
     assert (
