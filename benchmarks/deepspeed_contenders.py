@@ -26,7 +26,6 @@ the other two it only flattens gradients).
 
 from __future__ import annotations
 
-import importlib
 import os
 import statistics
 import time
@@ -75,15 +74,12 @@ def _ds_config(shape: ModelShape, options: RunOptions, optimizer: dict[str, Any]
 
 
 def _init_deepspeed() -> None:
-    """Join the driver's world over gloo without JIT-building DeepSpeed's shared-memory op.
-
-    The module is taken from ``sys.modules``: ``import deepspeed.comm.torch as m`` binds
-    the ``torch`` package itself (``deepspeed.comm`` re-exports its ``torch`` import), so a
-    patch through it would leave DeepSpeed's ``build_shm_op`` in place.
-    """
+    """Join the driver's world over gloo without JIT-building DeepSpeed's shared-memory op."""
     import deepspeed
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    from muon_ds.patches.deepspeed import skip_shm_op_build
+
+    skip_shm_op_build()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
@@ -145,17 +141,12 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def _muon_param_names(contender: str, engine: Any) -> list[str]:
     """The parameters this contender orthogonalises, read from the optimizer itself."""
-    names = {id(p): n for n, p in engine.module.named_parameters()}
     if contender == "deepspeed_muon":
         return [n for n, p in engine.module.named_parameters() if getattr(p, "use_muon", False)]
     if contender == "muon_ds_deepspeed":
-        optimizer = engine.basic_optimizer
-        return [
-            names[id(p)]
-            for group in optimizer.param_groups
-            if group["algorithm"] == "muon"
-            for p in optimizer._model_params[group["muon_ds_group"]]
-        ]
+        from muon_ds import routing_report
+
+        return [t.name for t in routing_report(engine).tensors if t.route == "muon"]
     return []
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import math
 import os
@@ -193,8 +192,9 @@ def init_world_of_one(device: torch.device) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
-    # Not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports torch under that name.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    from muon_ds.patches.deepspeed import skip_shm_op_build
+
+    skip_shm_op_build()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 

@@ -1,17 +1,27 @@
 """DeepSpeed integration: ``"optimizer": {"type": "MuonDS", "params": {...}}`` under ZeRO-1/2.
 
-``import muon_ds.deepspeed`` (the launchers in ``launch/`` do it) registers the type:
-DeepSpeed resolves an optimizer type it does not ship via ``getattr(torch.optim, type)``,
-and lets ZeRO wrap only classes listed in ``ZERO_SUPPORTED_OPTIMIZERS``. ``"params"``
-are ``MuonConfig`` keys; a bad one fails inside ``deepspeed.initialize``.
+``import muon_ds.deepspeed`` (the launchers in ``launch/`` do it) registers the type
+through ``muon_ds.patches.deepspeed``: ZeRO may wrap the class, the engine builds it from
+the config with its module in hand, and every muon_ds optimizer handed to
+``deepspeed.initialize`` (config-built or not) is checked against the ZeRO settings
+before ZeRO wraps it, and records its routing in the ZeRO checkpoints it writes.
+``"params"`` are ``MuonConfig`` keys (with DeepSpeed's ``betas`` and ``eps``); a bad one
+fails inside ``deepspeed.initialize``.
 """
 
 from __future__ import annotations
 
-import torch
-from deepspeed.runtime.zero import utils as zero_utils
+from typing import Any
 
-from muon_ds.deepspeed.optimizer import DeepSpeedZeroOrtho, UnsupportedDeepSpeedSetupError
+import torch
+
+from muon_ds.deepspeed.optimizer import (
+    GROUP_KEY,
+    ROUTING_RECORD,
+    DeepSpeedZeroOrtho,
+    UnsupportedDeepSpeedSetupError,
+)
+from muon_ds.patches import deepspeed as patches
 
 OPTIMIZER_TYPE = "MuonDS"
 """The JSON type name; it must not lower-case to a DeepSpeed built-in ("muon")."""
@@ -19,9 +29,46 @@ OPTIMIZER_TYPE = "MuonDS"
 
 def register() -> None:
     """Make ``"type": "MuonDS"`` buildable by ``deepspeed.initialize`` (idempotent)."""
-    setattr(torch.optim, OPTIMIZER_TYPE, DeepSpeedZeroOrtho)
-    if DeepSpeedZeroOrtho not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
-        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(DeepSpeedZeroOrtho)
+    patches.allow_under_zero(DeepSpeedZeroOrtho)
+    patches.build_from_config(OPTIMIZER_TYPE, _build_from_config)
+    patches.adopt_client_optimizers(_before_wrap, _after_wrap)
+
+
+def _build_from_config(
+    engine: Any, model_parameters: list[Any], params: dict[str, Any]
+) -> DeepSpeedZeroOrtho:
+    """The config route: the engine's module names the parameters."""
+    optimizer = DeepSpeedZeroOrtho(model_parameters, model=engine.module, **params)
+    optimizer.attach(engine)
+    return optimizer
+
+
+def _before_wrap(engine: Any, optimizer: torch.optim.Optimizer) -> None:
+    """A client optimizer, before ZeRO wraps it: ours is checked against the engine; any
+    other holding our param groups means ours was replaced behind the user's back."""
+    if isinstance(optimizer, DeepSpeedZeroOrtho):
+        optimizer.attach(engine)
+        return
+    if any(GROUP_KEY in group for group in optimizer.param_groups):
+        raise UnsupportedDeepSpeedSetupError(
+            f"deepspeed.initialize got a {type(optimizer).__name__} holding the param groups "
+            f"of a MuonDS optimizer (they carry {GROUP_KEY!r}): MuonDS was replaced before "
+            "DeepSpeed saw it. Hugging Face Accelerate does that under offload_optimizer "
+            "(it swaps client optimizers for DeepSpeedCPUAdam); MuonDS does not support "
+            "offload_optimizer: remove it from zero_optimization"
+        )
+
+
+def _after_wrap(engine: Any) -> None:
+    """Once ZeRO wrapped ours: its checkpoints record and check our routing."""
+    optimizer = getattr(engine, "basic_optimizer", None)
+    if isinstance(optimizer, DeepSpeedZeroOrtho) and engine.optimizer is not optimizer:
+        patches.record_in_zero_checkpoints(
+            engine.optimizer,
+            ROUTING_RECORD,
+            optimizer.routing_record,
+            optimizer.check_routing_record,
+        )
 
 
 register()

@@ -1,12 +1,20 @@
 """The optimizer DeepSpeed builds for ``"type": "MuonDS"``: a thin shell around the core.
 
-DeepSpeed constructs it with the model's parameters and the JSON ``"params"``, then
+It routes by Moonlight's rule, which needs parameter names and module types, so it is
+built with the model in hand: from the config, the engine hook in
+``muon_ds.patches.deepspeed`` passes the engine's module; built by hand (Hugging Face's
+``optimizer_cls_and_kwargs``, ``deepspeed.initialize(optimizer=...)``) it takes the model
+(``DeepSpeedZeroOrtho(model, ...)`` or ``model=`` beside param groups) or
+``named_parameters()``, and refuses to build without names. Either way the engine hook
+hands it the engine before ZeRO wraps it (``attach``), where stage, offload and
+round-robin settings are checked; the first step checks again what ZeRO built.
+
 ZeRO-1/2 flattens each param group into one fp32 partition per rank and calls ``step()``
 once per group with only that group in ``param_groups`` (all groups at once under
 ``BF16_Optimizer``). Before that swap we split every user group into a Muon half and an
-AdamW half and remember each half's model parameters; at a group's first step its
-``ShardedMuonCore`` is built from DeepSpeed's own partition map (each parameter's
-``_hp_mapping``) and its DP group (``param._dp_group``, the expert-DP group for MoE).
+AdamW half (and, with ``decay_vectors_and_embeddings=False``, exempt groups) and remember
+each half's model parameters; at a group's first step its ``ShardedMuonCore`` is built
+from DeepSpeed's own partition map and DP group (read through ``muon_ds.patches``).
 
 The class name deliberately lacks "muon": DeepSpeed 0.19.8 enters its own Muon code path
 when the optimizer's class name contains it (``_is_muon_group`` in stage_1_and_2.py).
@@ -14,20 +22,22 @@ when the optimizer's class name contains it (``_is_muon_group`` in stage_1_and_2
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
 from muon_ds.config import MuonConfig
 from muon_ds.device import describe_ns_dtype
-from muon_ds.layout import ShardView, route_param, tag_embeddings
+from muon_ds.layout import GROUP_KEYS, ShardView, group_key, split_group_settings, tag_embeddings
 from muon_ds.math import matrix_shape
+from muon_ds.patches import deepspeed as patches
+from muon_ds.routing import RoutedTensor, RoutingReport, print_on_rank0, routing_mismatch
 from muon_ds.sharded import ShardedMuonCore
+
+logger = logging.getLogger("muon_ds")
 
 GROUP_KEY = "muon_ds_group"
 """Param-group key naming which split half a group is (a plain int, saved by torch)."""
@@ -40,30 +50,46 @@ no second moment; ``state_dict`` writes zeros under ``exp_avg_sq`` for the conve
 loading drops them again. So ``safe_get_full_optimizer_state(p, "exp_avg")`` returns a
 Muon matrix's full momentum (and an AdamW parameter's first moment)."""
 
+ROUTING_RECORD = "muon_ds_routing"
+"""Key of the routing record in every ZeRO checkpoint file (and a universal checkpoint's
+``zero/optimizer_state.pt``): each parameter's route and the split group it lies in."""
+
+_NAMES_SHOWN = 6
+
 
 class UnsupportedDeepSpeedSetupError(RuntimeError):
     """The DeepSpeed configuration is one muon_ds does not train correctly."""
 
 
 class DeepSpeedZeroOrtho(torch.optim.Optimizer):
-    """muon_ds under DeepSpeed ZeRO stage 1 or 2 (registered as ``"MuonDS"``)."""
+    """muon_ds under DeepSpeed ZeRO stage 1 or 2 (registered as ``"MuonDS"``).
 
-    def __init__(self, params: Iterable[Any], **config_params: Any) -> None:
+    ``params``: the model itself, ``model.named_parameters()``, or tensors / param groups
+    with ``model=`` naming them; ``config_params``: MuonConfig keys (DeepSpeed's ``betas``
+    and ``eps`` included). Without names for every parameter it refuses to build.
+    """
+
+    def __init__(
+        self, params: Any, model: torch.nn.Module | None = None, **config_params: Any
+    ) -> None:
         self.config = MuonConfig.from_dict(config_params)
-        engine = _building_engine()
-        names: dict[int, str] = {}
-        if engine is not None:
-            _refuse_unsupported(engine)
-            tag_embeddings(engine.module)
-            names = {id(p): n for n, p in engine.module.named_parameters()}
-        groups, self._model_params = _split_groups(params, self.config, names)
+        user_groups, names = _named_groups(params, model)
+        groups, self._model_params = _split_groups(user_groups, self.config, names)
         _print_effective_config(self.config, groups)
         self._names = names
         defaults = {"lr": self.config.lr, "weight_decay": self.config.weight_decay}
         super().__init__(groups, defaults)
+        # ZeRO shows step() one group at a time; the report and record need them all.
+        self._groups = list(self.param_groups)
         self._cores: dict[int, ShardedMuonCore] = {}
         # Newton-Schulz FLOPs per global rank over every group's core built so far.
         self._ns_load: dict[int, int] = {}
+        self._reported = False
+
+    def attach(self, engine: Any) -> None:
+        """Refuse ZeRO settings muon_ds does not train correctly; the engine hook calls
+        this inside ``deepspeed.initialize``, before ZeRO wraps the optimizer."""
+        _refuse_unsupported(patches.zero_settings(engine))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -71,6 +97,10 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._reported:
+            self._first_step_checks()
+            self._reported = True
+            print_on_rank0(self.routing_report().lines())
         for group in self.param_groups:
             core = self._cores.get(group[GROUP_KEY]) or self._build_core(group)
             if group["algorithm"] == "muon":
@@ -86,7 +116,74 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
         after group 0's first step; linking every group after its step keeps them valid.
         """
         model_params = self._model_params[group[GROUP_KEY]]
-        lazy_init_hp_params_optimizer_state(model_params, group["params"][0], self.state)
+        patches.link_optimizer_state(model_params, group["params"][0], self.state)
+
+    def _first_step_checks(self) -> None:
+        """What ZeRO built must be stage 1/2 without offload, whatever path built us (the
+        engine hook checked the settings already; this holds without it too)."""
+        for params in self._model_params.values():
+            for param in params:
+                if patches.is_zero3_param(param):
+                    raise UnsupportedDeepSpeedSetupError(
+                        "MuonDS supports ZeRO stage 1 and 2, not stage 3"
+                    )
+                if not patches.is_zero12_param(param):
+                    raise UnsupportedDeepSpeedSetupError(
+                        "MuonDS steps inside a DeepSpeed engine with zero_optimization stage 1 "
+                        f"or 2, but a parameter of shape {tuple(param.shape)} is not "
+                        "partitioned by ZeRO: name MuonDS in the config or pass it to "
+                        "deepspeed.initialize(optimizer=...)"
+                    )
+                fragment = patches.partition_fragment(param)
+                if fragment is not None and fragment.offloaded:
+                    raise UnsupportedDeepSpeedSetupError(
+                        "MuonDS does not support offload_optimizer; remove it from "
+                        "zero_optimization"
+                    )
+
+    # -- routing ----------------------------------------------------------------------
+
+    def routed_tensors(self) -> list[RoutedTensor]:
+        """Every parameter's name, shape, route and weight decay (``muon_ds.routing_report``)."""
+        return [
+            RoutedTensor(
+                name=self._names[id(param)],
+                shape=tuple(param.shape),
+                route=group["algorithm"],
+                weight_decay=group["weight_decay"],
+            )
+            for group in self._groups
+            for param in self._model_params[group[GROUP_KEY]]
+        ]
+
+    def routing_report(self) -> RoutingReport:
+        return RoutingReport(tuple(self.routed_tensors()))
+
+    def routing_record(self) -> dict[str, Any]:
+        """What a checkpoint records: each parameter's route, and the split groups' members
+        (ZeRO flattens each group on its own, so a group change moves every offset)."""
+        return {
+            "routes": self.routing_report().routes(),
+            "groups": [
+                [self._names[id(p)] for p in self._model_params[group[GROUP_KEY]]]
+                for group in self._groups
+            ],
+        }
+
+    def check_routing_record(self, saved: dict[str, Any] | None) -> None:
+        """Refuse a checkpoint routed or grouped differently from this run, naming the
+        parameters, before DeepSpeed compares partition layouts."""
+        if saved is None:
+            logger.warning(
+                "muon_ds: the checkpoint has no routing record (saved before muon_ds kept "
+                "one); its optimizer state loads unchecked"
+            )
+            return
+        problem = routing_mismatch(saved["routes"], self.routing_report().routes())
+        if problem is None:
+            problem = _group_mismatch(saved["groups"], self.routing_record()["groups"])
+        if problem is not None:
+            raise ValueError(f"muon_ds: {problem}")
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, plus a zero ``exp_avg_sq`` per Muon group (see MOMENTUM_KEY)."""
@@ -117,35 +214,25 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
             )
         views = []
         for index, param in enumerate(model_params):
-            if hasattr(param, "ds_id"):
-                raise UnsupportedDeepSpeedSetupError(
-                    "MuonDS supports ZeRO stage 1 and 2, not stage 3"
-                )
-            mapping = getattr(param, "_hp_mapping", None)
-            if mapping is None:
+            fragment = patches.partition_fragment(param)
+            if fragment is None:
                 continue
-            if mapping.use_offload:
-                raise UnsupportedDeepSpeedSetupError(
-                    "MuonDS does not support offload_optimizer; remove it from zero_optimization"
-                )
-            start = mapping.lp_fragment_address.start
-            numel = mapping.lp_fragment_address.numel
             views.append(
                 ShardView(
-                    name=f"{key}.{index}:{self._names.get(id(param), '')}",
+                    name=f"{key}.{index}:{self._names[id(param)]}",
                     matrix_shape=(
                         matrix_shape(param.shape)
                         if group["algorithm"] == "muon"
                         else (1, param.numel())
                     ),
-                    start=start,
-                    end=start + numel,
+                    start=fragment.param_start,
+                    end=fragment.param_start + fragment.numel,
                     buffer=0,
-                    offset=mapping.hp_fragment_address.start,
+                    offset=fragment.partition_start,
                     route=group["algorithm"],
                 )
             )
-        dp_group = getattr(model_params[0], "_dp_group", None) if model_params else None
+        dp_group = patches.data_parallel_group(model_params[0]) if model_params else None
         core = ShardedMuonCore(
             group["params"],
             [group["algorithm"]],
@@ -173,34 +260,111 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
         return sum(core.counter.ns_matrices for core in self._cores.values())
 
 
+def _named_groups(
+    params: Any, model: torch.nn.Module | None
+) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """User param groups of tensors, and every parameter's name (by ``id``).
+
+    Names come from the model (which also marks its embeddings by module type) or from
+    ``(name, tensor)`` pairs. Routing by shape alone would send embeddings and the output
+    head to Muon without a word, so any parameter without a name is refused.
+    """
+    if isinstance(params, torch.nn.Module):
+        if model is not None and model is not params:
+            raise ValueError("MuonDS got a model as params and another as model=; pass one")
+        model = params
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    items = list(params)
+    if not items:
+        raise ValueError("MuonDS got an empty parameter list")
+    names: dict[int, str] = {}
+    if model is not None:
+        tag_embeddings(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+    user_groups = items if isinstance(items[0], dict) else [{"params": items}]
+    groups, unnamed = [], []
+    for user_group in user_groups:
+        members = user_group["params"]
+        members = [members] if isinstance(members, torch.Tensor) else list(members)
+        tensors = []
+        for member in members:
+            name, param = member if isinstance(member, tuple) else (None, member)
+            if name is not None:
+                names.setdefault(id(param), name)
+            if id(param) not in names:
+                unnamed.append(tuple(param.shape))
+            tensors.append(param)
+        groups.append({**user_group, "params": tensors})
+    if unnamed:
+        shown = ", ".join(str(list(s)) for s in unnamed[:_NAMES_SHOWN])
+        raise UnsupportedDeepSpeedSetupError(
+            f"MuonDS needs every parameter's name to route by Moonlight's rule (embeddings "
+            f"and the output head on AdamW cannot be told from hidden matrices by shape), "
+            f"but {len(unnamed)} of {sum(len(g['params']) for g in groups)} parameters have "
+            f"none (shapes {shown}{', ...' if len(unnamed) > _NAMES_SHOWN else ''}). Pass the "
+            "model: DeepSpeedZeroOrtho(model, ...) or model=model beside param groups (in "
+            "Hugging Face's Trainer: optimizer_cls_and_kwargs=(DeepSpeedZeroOrtho, "
+            '{"model": model, ...})); or named parameters: '
+            "DeepSpeedZeroOrtho(model.named_parameters(), ...); or name it in the DeepSpeed "
+            'config ("type": "MuonDS"), where the engine hands it the model'
+        )
+    return groups, names
+
+
 def _split_groups(
-    params: Iterable[Any], config: MuonConfig, names: dict[int, str]
+    user_groups: list[dict[str, Any]], config: MuonConfig, names: dict[int, str]
 ) -> tuple[list[dict[str, Any]], dict[int, list[torch.Tensor]]]:
-    """User groups -> a Muon half and an AdamW half each, remembering their model params.
+    """User groups -> a Muon half and an AdamW half each (and exempt groups), remembering
+    their model params.
 
     ZeRO flattens each group into one partition, so each half becomes a buffer that is
     wholly Muon (fp32 momentum, 4 bytes/element) or wholly AdamW (8 bytes/element).
     """
-    items = list(params)
-    user_groups = items if items and isinstance(items[0], dict) else [{"params": items}]
     groups: list[dict[str, Any]] = []
     model_params: dict[int, list[torch.Tensor]] = {}
     for user_group in user_groups:
-        halves: dict[str, list[torch.Tensor]] = {"muon": [], "adamw": []}
+        split: dict[tuple[str, bool], list[torch.Tensor]] = {key: [] for key in GROUP_KEYS}
         for param in user_group["params"]:
             if getattr(param, "use_muon", False):
                 raise UnsupportedDeepSpeedSetupError(
                     "a parameter carries use_muon=True, DeepSpeed's own Muon tag; MuonDS routes "
                     "with muon_ds.set_route(param, 'muon') instead (remove use_muon)"
                 )
-            halves[route_param(names.get(id(param)), param, config)].append(param)
+            split[group_key(names[id(param)], param, config)].append(param)
         extra = {k: v for k, v in user_group.items() if k != "params"}
-        for algorithm, members in halves.items():
+        for split_key, members in split.items():
             if members:
                 key = len(groups)
                 model_params[key] = members
-                groups.append({**extra, "params": members, "algorithm": algorithm, GROUP_KEY: key})
+                groups.append(
+                    {
+                        **extra,
+                        **split_group_settings(split_key),
+                        "params": members,
+                        "algorithm": split_key[0],
+                        GROUP_KEY: key,
+                    }
+                )
     return groups, model_params
+
+
+def _group_mismatch(saved: list[list[str]], current: list[list[str]]) -> str | None:
+    """Why a checkpoint's split groups do not match this run's, naming moved parameters."""
+    if saved == current:
+        return None
+    where_saved = {name: index for index, names in enumerate(saved) for name in names}
+    where_now = {name: index for index, names in enumerate(current) for name in names}
+    moved = sorted(
+        n for n in where_saved.keys() | where_now.keys() if where_saved.get(n) != where_now.get(n)
+    )
+    shown = ", ".join(moved[:_NAMES_SHOWN]) + (", ..." if len(moved) > _NAMES_SHOWN else "")
+    return (
+        f"the checkpoint groups parameters differently from this run ({len(saved)} param "
+        f"groups saved, {len(current)} now; {len(moved)} parameters changed group: {shown}), "
+        "although none changed route. ZeRO flattens each group into its own partition, so "
+        "the saved state cannot be placed: load with the settings it was saved with "
+        "(decay_vectors_and_embeddings, the param groups given to the optimizer)"
+    )
 
 
 def _print_effective_config(config: MuonConfig, groups: list[dict[str, Any]]) -> None:
@@ -214,36 +378,17 @@ def _print_effective_config(config: MuonConfig, groups: list[dict[str, Any]]) ->
     print(f"muon_ds: effective {config}\nmuon_ds: Newton-Schulz and exchange in {ns}", flush=True)
 
 
-def _building_engine() -> Any | None:
-    """The DeepSpeedEngine constructing this optimizer, found on the call stack, if any.
-
-    DeepSpeed passes no engine to a config-built optimizer; reading it from the caller's
-    frame lets unsupported setups fail inside ``deepspeed.initialize``, before training.
-    """
-    frame = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, DeepSpeedEngine):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
-def _refuse_unsupported(engine: Any) -> None:
-    stage = engine.zero_optimization_stage()
-    if stage not in (1, 2):
+def _refuse_unsupported(settings: patches.ZeroSettings) -> None:
+    if settings.stage not in (1, 2):
         raise UnsupportedDeepSpeedSetupError(
-            f"MuonDS needs zero_optimization stage 1 or 2, got {stage}: it shards Muon's "
-            "momentum like ZeRO-1 and exchanges only partition-straddling matrices"
+            f"MuonDS needs zero_optimization stage 1 or 2, got {settings.stage}: it shards "
+            "Muon's momentum like ZeRO-1 and exchanges only partition-straddling matrices"
         )
-    if engine.zero_cpu_offload():
+    if settings.offload_optimizer:
         raise UnsupportedDeepSpeedSetupError(
             "MuonDS does not support offload_optimizer; remove it from zero_optimization"
         )
-    zero_config = engine._config.zero_config
-    if zero_config.round_robin_gradients:
+    if settings.round_robin_gradients:
         raise UnsupportedDeepSpeedSetupError(
             "MuonDS does not support round_robin_gradients: DeepSpeed 0.19.8's partition map "
             "(_hp_mapping) does not follow the round-robin order; set it to false"

@@ -2,12 +2,12 @@
 
 DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op the first time a
 communication backend starts (minutes on a fresh machine). These tests measure muon_ds,
-not that op, so ``use_gloo_only`` makes DeepSpeed's backend use plain gloo collectives.
+not that op, so ``use_gloo_only`` makes DeepSpeed's backend use plain gloo collectives
+(``muon_ds.patches.deepspeed.skip_shm_op_build``).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
@@ -25,9 +25,9 @@ def use_gloo_only(rank: int, world: int) -> None:
     )
     import deepspeed
 
-    # Not `import deepspeed.comm.torch as m`: that binds deepspeed.comm's attribute
-    # `torch`, the torch package (deepspeed.comm re-exports it), and patches nothing.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    from muon_ds.patches.deepspeed import skip_shm_op_build
+
+    skip_shm_op_build()
     deepspeed.init_distributed(dist_backend="gloo")
 
 

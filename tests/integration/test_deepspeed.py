@@ -46,17 +46,30 @@ def _reference(world: int, gas: int, clip: float) -> tuple[TinyLM, Muon, float]:
     return model, optimizer, raw_norm
 
 
-def _engine(config: dict[str, Any]) -> Any:
+def _engine(config: dict[str, Any], client: Any = None) -> Any:
+    """An engine over a fresh TinyLM; ``client(model)`` builds a client optimizer (the
+    config then names none), an optimizer instance or a callable DeepSpeed calls."""
     import deepspeed
 
     import muon_ds.deepspeed  # noqa: F401  (registers "MuonDS")
 
     torch.manual_seed(0)
     model = TinyLM()
+    optimizer = None
+    if client is not None:
+        config = {k: v for k, v in config.items() if k != "optimizer"}
+        optimizer = client(model)
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=config
+        model=model, model_parameters=model.parameters(), config=config, optimizer=optimizer
     )
     return engine
+
+
+def _client(model: TinyLM, **params: Any) -> Any:
+    """MuonDS built by hand, as Hugging Face's optimizer_cls_and_kwargs does with model=."""
+    from muon_ds.deepspeed import DeepSpeedZeroOrtho
+
+    return DeepSpeedZeroOrtho(model, **{**MUON_PARAMS, **params})
 
 
 def _train(engine: Any, rank: int, gas: int, steps: range) -> None:
@@ -152,7 +165,10 @@ def test_deepspeed_own_muon_path_is_never_entered(zero_runs) -> None:
 # --- resume -------------------------------------------------------------------------------
 
 
-def _resume(rank: int, world: int, directory: str) -> dict[str, float]:
+def _resume(rank: int, world: int, directory: str) -> dict[str, Any]:
+    """Save at step 2 of a config-built run; resume it with the config and by hand (a
+    client optimizer, as Hugging Face builds it); then try loading it under another
+    routing and under other weight-decay groups."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     use_gloo_only(rank, world)
@@ -161,15 +177,36 @@ def _resume(rank: int, world: int, directory: str) -> dict[str, float]:
     _train(straight, rank, 1, range(2))
     straight.save_checkpoint(directory, tag="step2")
     _train(straight, rank, 1, range(2, 4))
-    resumed = _engine(config)
-    resumed.load_checkpoint(directory, tag="step2")
-    _train(resumed, rank, 1, range(2, 4))
-    return {
-        name: (safe_get_full_fp32_param(a) - safe_get_full_fp32_param(b)).abs().max().item()
-        for (name, a), (_, b) in zip(
-            straight.module.named_parameters(), resumed.module.named_parameters(), strict=True
-        )
+    differences = {}
+    for how, client in (("config", None), ("client", _client)):
+        resumed = _engine(config, client)
+        resumed.load_checkpoint(directory, tag="step2")
+        _train(resumed, rank, 1, range(2, 4))
+        differences[how] = {
+            name: (safe_get_full_fp32_param(a) - safe_get_full_fp32_param(b)).abs().max().item()
+            for (name, a), (_, b) in zip(
+                straight.module.named_parameters(), resumed.module.named_parameters(), strict=True
+            )
+        }
+    refusals = {}
+    changes = {
+        "rerouted": {"adamw_patterns": ["*embed*", "*lm_head*", "mid.*"]},
+        "regrouped": {"decay_vectors_and_embeddings": False},
     }
+    for name, change in changes.items():
+        engine = _engine(ds_config({"type": "MuonDS", "params": {**MUON_PARAMS, **change}}))
+        try:
+            engine.load_checkpoint(directory, tag="step2")
+            refusals[name] = "no error"
+        except (ValueError, RuntimeError) as error:
+            refusals[name] = f"{type(error).__name__}: {error}"
+    return {"differences": differences, "refusals": refusals}
+
+
+@pytest.fixture(scope="module")
+def resumes() -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as directory:
+        return run_ranks(2, _resume, directory, timeout=900)
 
 
 @pytest.mark.parametrize(
@@ -191,17 +228,84 @@ def test_start_up_lines_name_the_config_and_what_auto_resolved_to(
     from muon_ds.deepspeed import DeepSpeedZeroOrtho
 
     monkeypatch.setattr(device, "_cpu_bf16_units", lambda: units)
-    DeepSpeedZeroOrtho([torch.nn.Parameter(torch.zeros(4, 6))], lr=0.02)
+    capsys.readouterr()  # what importing DeepSpeed printed
+    DeepSpeedZeroOrtho([("w", torch.nn.Parameter(torch.zeros(4, 6)))], lr=0.02)
     assert capsys.readouterr().out.splitlines() == [
         f"muon_ds: effective {MuonConfig(lr=0.02)}",
         f"muon_ds: Newton-Schulz and exchange in {resolved}",
     ]
 
 
-def test_checkpoint_resume_continues_bit_identically() -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        for differences in run_ranks(2, _resume, directory, timeout=900):
-            assert max(differences.values()) == 0.0, differences
+def test_built_without_names_it_refuses_and_names_both_ways_to_pass_them() -> None:
+    """Shape alone would put the embedding and the head on Muon without a word."""
+    from muon_ds.deepspeed import DeepSpeedZeroOrtho, UnsupportedDeepSpeedSetupError
+
+    model = TinyLM()
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]  # what HF passes
+    with pytest.raises(UnsupportedDeepSpeedSetupError) as refused:
+        DeepSpeedZeroOrtho(groups, lr=0.02)
+    message = str(refused.value)
+    assert "but 7 of 7 parameters have none (shapes [29, 24], [77, 24], [77]," in message
+    assert "DeepSpeedZeroOrtho(model, ...) or model=model beside param groups" in message
+    assert 'optimizer_cls_and_kwargs=(DeepSpeedZeroOrtho, {"model": model, ...})' in message
+    assert "DeepSpeedZeroOrtho(model.named_parameters(), ...)" in message
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda cls, model: cls(model),
+        lambda cls, model: cls(model.named_parameters()),
+        lambda cls, model: cls([{"params": list(model.parameters())}], model=model),
+    ],
+    ids=["model", "named_parameters", "groups_and_model"],
+)
+def test_given_names_it_routes_like_moonlight(build: Any) -> None:
+    from muon_ds import routing_report
+    from muon_ds.deepspeed import DeepSpeedZeroOrtho
+
+    report = routing_report(build(DeepSpeedZeroOrtho, TinyLM()))
+    assert sorted(t.name for t in report.tensors if t.route == "muon") == sorted(MATRICES)
+    assert [t.name for t in report.matrices_on_adamw()] == ["embed.weight", "lm_head.weight"]
+
+
+def test_stepping_outside_a_deepspeed_engine_is_refused() -> None:
+    from muon_ds.deepspeed import DeepSpeedZeroOrtho, UnsupportedDeepSpeedSetupError
+
+    optimizer = DeepSpeedZeroOrtho(TinyLM())
+    with pytest.raises(
+        UnsupportedDeepSpeedSetupError,
+        match=r"MuonDS steps inside a DeepSpeed engine with zero_optimization stage 1 or 2, but "
+        r"a parameter of shape \(29, 24\) is not partitioned by ZeRO",
+    ):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("how", ["config", "client"])
+def test_checkpoint_resume_continues_bit_identically(resumes, how: str) -> None:
+    """Resumed from step 2 by a config-built or a hand-built (client) optimizer."""
+    for result in resumes:
+        assert max(result["differences"][how].values()) == 0.0, result["differences"][how]
+
+
+def test_a_checkpoint_under_another_routing_is_refused_naming_the_parameters(resumes) -> None:
+    """Refused by muon_ds before DeepSpeed's own parameter-alignment check."""
+    for result in resumes:
+        assert result["refusals"]["rerouted"].startswith(
+            "ValueError: muon_ds: the checkpoint routes parameters to Muon and AdamW "
+            "differently from this run: saved on Muon but not on Muon now: 1 (mid.weight); "
+            "on Muon now but not saved on Muon: none."
+        ), result["refusals"]["rerouted"]
+
+
+def test_a_checkpoint_with_other_weight_decay_groups_is_refused_naming_them(resumes) -> None:
+    for result in resumes:
+        message = result["refusals"]["regrouped"]
+        assert message.startswith(
+            "ValueError: muon_ds: the checkpoint groups parameters differently from this run "
+            "(2 param groups saved, 3 now; 3 parameters changed group: down.bias, embed.weight, "
+            "up.bias), although none changed route"
+        ), message
 
 
 # --- refusals and config errors -------------------------------------------------------------
@@ -221,12 +325,35 @@ def _refusals(rank: int, world: int) -> dict[str, str]:
     }
     messages = {}
     for name, config in cases.items():
-        try:
-            _engine(config)
-            messages[name] = "no error"
-        except (RuntimeError, MuonConfigError, ValueError, AssertionError) as error:
-            messages[name] = f"{type(error).__name__}: {error}"
+        messages[name] = _error_of(lambda config=config: _engine(config))
+    # Built by hand (Hugging Face's optimizer_cls_and_kwargs), handed over as an instance or
+    # as a callable; and replaced behind DeepSpeed's back (Accelerate under offload).
+    stage1 = ds_config({"type": "MuonDS", "params": {}})
+    client_cases = {
+        "client_stage0": ({"zero_optimization": {"stage": 0}}, _client),
+        "client_stage3": ({"zero_optimization": {"stage": 3}}, _client),
+        "client_offload": (
+            {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
+            _client,
+        ),
+        "client_callable_stage3": (
+            {"zero_optimization": {"stage": 3}},
+            lambda model: lambda params: _client(model),
+        ),
+        "client_replaced": ({}, lambda model: torch.optim.AdamW(_client(model).param_groups)),
+    }
+    for name, (overrides, client) in client_cases.items():
+        config = {**stage1, **overrides}
+        messages[name] = _error_of(lambda config=config, client=client: _engine(config, client))
     return messages
+
+
+def _error_of(build: Any) -> str:
+    try:
+        build()
+    except (RuntimeError, MuonConfigError, ValueError, AssertionError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
 
 
 EXPECTED_REFUSALS = {
@@ -235,6 +362,15 @@ EXPECTED_REFUSALS = {
     "offload": r"UnsupportedDeepSpeedSetupError: MuonDS does not support offload_optimizer",
     "bad_param": r"MuonConfigError: momentum=1.5 is not allowed: expected a number in \[0.0, 1.0\)",
     "unknown_key": r"MuonConfigError: unknown MuonConfig key\(s\) \['muon_lr'\]",
+    "client_stage0": r"^UnsupportedDeepSpeedSetupError: MuonDS needs zero_optimization stage 1 or "
+    r"2, got 0",
+    "client_stage3": r"^UnsupportedDeepSpeedSetupError: MuonDS needs zero_optimization stage 1 or "
+    r"2, got 3",
+    "client_offload": r"^UnsupportedDeepSpeedSetupError: MuonDS does not support offload_optimizer",
+    "client_callable_stage3": r"^UnsupportedDeepSpeedSetupError: MuonDS needs zero_optimization "
+    r"stage 1 or 2, got 3",
+    "client_replaced": r"^UnsupportedDeepSpeedSetupError: deepspeed.initialize got a AdamW "
+    r"holding the param groups of a MuonDS optimizer .* remove it from zero_optimization",
 }
 
 
@@ -255,11 +391,13 @@ def test_unsupported_setups_and_bad_params_fail_inside_initialize(refusals, case
 def _record_gradients(engine: Any) -> list[dict[str, torch.Tensor]]:
     """Wrap our optimizer's step to record the full averaged gradient DeepSpeed hands it.
 
-    Each rank holds its partition's gradient; placing it by ``_hp_mapping`` into zeros and
+    Each rank holds its partition's gradient; placing it by its partition map into zeros and
     all-reducing rebuilds every parameter's full gradient (each element has one holder).
     One dict per engine step, merged over the per-group ``step()`` calls.
     """
     import torch.distributed as dist
+
+    from muon_ds.patches.deepspeed import partition_fragment
 
     optimizer = engine.basic_optimizer
     names = {id(p): n for n, p in engine.module.named_parameters()}
@@ -272,10 +410,9 @@ def _record_gradients(engine: Any) -> list[dict[str, torch.Tensor]]:
             flat = group["params"][0]
             for param in optimizer._model_params[group["muon_ds_group"]]:
                 full = torch.zeros(param.numel())
-                mapping = param._hp_mapping
-                if mapping is not None:
-                    lo, n = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
-                    hp = mapping.hp_fragment_address.start
+                fragment = partition_fragment(param)
+                if fragment is not None:
+                    lo, n, hp = fragment.param_start, fragment.numel, fragment.partition_start
                     full[lo : lo + n] = flat.grad[hp : hp + n]
                 dist.all_reduce(full)
                 grads[names[id(param)]] = full.view(param.shape)
