@@ -1,0 +1,286 @@
+"""Every runtime patch of ``muon_ds.patches.deepspeed`` refuses a DeepSpeed it was not
+written for (a fake version) or one that lacks what it patches (a removed attribute),
+before touching anything; and the diffs in ``patches/`` apply to DeepSpeed 0.19.8 and do
+what ``patches/README.md`` says."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+import muon_ds.deepspeed  # installs the patches the tests below look at
+from muon_ds.patches import PatchError
+from muon_ds.patches import deepspeed as patches
+
+PATCHES = Path(__file__).resolve().parents[2] / "patches"
+
+
+def _engine_stub() -> Any:
+    zero_config = SimpleNamespace(round_robin_gradients=False)
+    return SimpleNamespace(
+        zero_optimization_stage=lambda: 1,
+        zero_cpu_offload=lambda: False,
+        _config=SimpleNamespace(zero_config=zero_config),
+    )
+
+
+def _zero_stub() -> Any:
+    class ZeroStub:
+        def state_dict(self) -> dict[str, Any]:
+            return {}
+
+        def load_state_dict(self, state_dict_list: Any, checkpoint_folder: Any = None) -> None:
+            pass
+
+    return ZeroStub()
+
+
+def _mapped_param() -> torch.Tensor:
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    address = SimpleNamespace(start=0, numel=16)
+    param._hp_mapping = SimpleNamespace(  # type: ignore[attr-defined]
+        lp_fragment_address=address, hp_fragment_address=address, use_offload=False
+    )
+    return param
+
+
+VERSIONED: dict[str, Callable[[], Any]] = {
+    "allow_under_zero": lambda: patches.allow_under_zero(torch.optim.AdamW),
+    "build_from_config": lambda: patches.build_from_config("MuonDS", lambda *a: None),
+    "adopt_client_optimizers": lambda: patches.adopt_client_optimizers(
+        lambda *a: None, lambda *a: None
+    ),
+    "record_in_zero_checkpoints": lambda: patches.record_in_zero_checkpoints(
+        _zero_stub(), "key", dict, lambda saved: None
+    ),
+    "zero_settings": lambda: patches.zero_settings(_engine_stub()),
+    "link_optimizer_state": lambda: patches.link_optimizer_state([], torch.zeros(1), {}),
+    "skip_shm_op_build": patches.skip_shm_op_build,
+}
+
+
+@pytest.mark.parametrize("patch", sorted(VERSIONED))
+def test_each_patch_refuses_a_deepspeed_outside_its_range(
+    monkeypatch: pytest.MonkeyPatch, patch: str
+) -> None:
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata,
+        "version",
+        lambda name: "0.20.1" if name == "deepspeed" else real(name),
+    )
+    with pytest.raises(
+        PatchError,
+        match=rf"muon_ds\.patches\.deepspeed\.{patch} was written for deepspeed >= 0\.19\.8, "
+        r"< 0\.20\.0; found 0\.20\.1",
+    ):
+        VERSIONED[patch]()
+
+
+def test_the_range_covers_the_installed_deepspeed() -> None:
+    """The pinned DeepSpeed passes every guard (else the suite above proves nothing)."""
+    for patch in VERSIONED:
+        patches.check_version(patch)
+
+
+def _without(monkeypatch: pytest.MonkeyPatch, module: str, attribute: str) -> None:
+    monkeypatch.delattr(importlib.import_module(module), attribute)
+
+
+MISSING: dict[str, tuple[Callable[[pytest.MonkeyPatch], Any], str]] = {
+    "allow_under_zero": (
+        lambda mp: _without(mp, "deepspeed.runtime.zero.utils", "ZERO_SUPPORTED_OPTIMIZERS"),
+        "deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS",
+    ),
+    "build_from_config": (
+        lambda mp: mp.delattr(
+            importlib.import_module("deepspeed.runtime.engine").DeepSpeedEngine,
+            "_configure_basic_optimizer",
+        ),
+        "DeepSpeedEngine._configure_basic_optimizer",
+    ),
+    "adopt_client_optimizers": (
+        lambda mp: mp.delattr(
+            importlib.import_module("deepspeed.runtime.engine").DeepSpeedEngine,
+            "_configure_optimizer",
+        ),
+        "DeepSpeedEngine._configure_optimizer",
+    ),
+    "link_optimizer_state": (
+        lambda mp: _without(
+            mp,
+            "deepspeed.utils.mixed_precision_linkage",
+            "lazy_init_hp_params_optimizer_state",
+        ),
+        "deepspeed.utils.mixed_precision_linkage.lazy_init_hp_params_optimizer_state",
+    ),
+    "skip_shm_op_build": (
+        lambda mp: _without(mp, "deepspeed.comm.torch", "build_shm_op"),
+        "deepspeed.comm.torch.build_shm_op",
+    ),
+}
+
+
+@pytest.mark.parametrize("patch", sorted(MISSING))
+def test_each_patch_refuses_a_deepspeed_without_what_it_patches(
+    monkeypatch: pytest.MonkeyPatch, patch: str
+) -> None:
+    remove, where = MISSING[patch]
+    remove(monkeypatch)
+    with pytest.raises(
+        PatchError,
+        match=rf"muon_ds\.patches\.deepspeed\.{patch} patches {where}, which this version "
+        "does not have",
+    ):
+        VERSIONED[patch]()
+
+
+def test_engine_reads_refuse_an_engine_without_the_zero_config() -> None:
+    engine = _engine_stub()
+    del engine._config.zero_config.round_robin_gradients
+    with pytest.raises(PatchError, match=r"patches SimpleNamespace\.round_robin_gradients"):
+        patches.zero_settings(engine)
+
+
+def test_partition_reads_refuse_a_mapping_of_another_shape() -> None:
+    param = _mapped_param()
+    assert patches.partition_fragment(param) == patches.Fragment(0, 0, 16, False)
+    del param._hp_mapping.hp_fragment_address  # type: ignore[attr-defined]
+    with pytest.raises(PatchError, match=r"patches SimpleNamespace\.hp_fragment_address"):
+        patches.partition_fragment(param)
+
+
+def test_checkpoint_record_refuses_a_load_state_dict_of_another_signature() -> None:
+    class OtherZero:
+        def state_dict(self) -> dict[str, Any]:
+            return {}
+
+        def load_state_dict(self, state_dict: Any) -> None:
+            pass
+
+    with pytest.raises(
+        PatchError,
+        match=r"expects OtherZero\.load_state_dict to take \['state_dict_list', "
+        r"'checkpoint_folder'\]; this DeepSpeed's takes \['state_dict'\]",
+    ):
+        patches.record_in_zero_checkpoints(OtherZero(), "key", dict, lambda saved: None)
+
+
+def test_a_type_name_deepspeed_lower_cases_to_its_own_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"optimizer type 'MUON' lower-cases to DeepSpeed's own"):
+        patches.build_from_config("MUON", lambda *a: None)
+
+
+def test_the_engine_hooks_are_installed_once() -> None:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    hooked = DeepSpeedEngine._configure_basic_optimizer
+    muon_ds.deepspeed.register()
+    assert DeepSpeedEngine._configure_basic_optimizer is hooked
+    original = hooked.__muon_ds_original__
+    assert getattr(original, "__muon_ds_original__", None) is None
+
+
+DIFFS = ("deepspeed-config-optimizer-gets-model.diff", "deepspeed-optimizer-entry-points.diff")
+"""The diffs for DeepSpeed in ``patches/``, in the order they apply (the second on the first)."""
+
+ENTRY_POINT = "MuonDS = muon_ds.deepspeed:DeepSpeedZeroOrtho"
+
+
+def test_every_deepspeed_diff_is_listed() -> None:
+    assert sorted(p.name for p in PATCHES.glob("deepspeed-*.diff")) == sorted(DIFFS)
+
+
+def test_pyproject_declares_the_entry_point_the_diff_looks_up() -> None:
+    import tomllib
+
+    with open(PATCHES.parent / "pyproject.toml", "rb") as project:
+        declared = tomllib.load(project)["project"]["entry-points"]["deepspeed.optimizers"]
+    name, target = (part.strip() for part in ENTRY_POINT.split("="))
+    assert declared == {name: target}
+    module, attribute = target.split(":")
+    assert (
+        getattr(importlib.import_module(module), attribute) is muon_ds.deepspeed.DeepSpeedZeroOrtho
+    )
+
+
+def _run_plugin_job(site: Path) -> dict[str, Any]:
+    """``deepspeed_plugin_job`` in a fresh process with ``site`` first on the path."""
+    import json
+    import os
+    import sys
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    job = subprocess.run(
+        [sys.executable, "-m", "tests.integration.deepspeed_plugin_job"],
+        cwd=PATCHES.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    return json.loads(job.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def patched_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the installed DeepSpeed 0.19.8 with both diffs applied, beside a
+    distribution that declares ``ENTRY_POINT`` (what muon_ds's pyproject declares)."""
+    import deepspeed
+
+    assert importlib.metadata.version("deepspeed") == "0.19.8"
+    site = tmp_path_factory.mktemp("site")
+    shutil.copytree(
+        Path(deepspeed.__file__).parent,
+        site / "deepspeed",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for diff in DIFFS:
+        applied = subprocess.run(
+            ["git", "apply", "-p1", str(PATCHES / diff)],
+            cwd=site,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert applied.returncode == 0, f"{diff}: {applied.stderr}"
+    info = site / "muon_ds_entry_point-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: muon_ds_entry_point\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[deepspeed.optimizers]\n{ENTRY_POINT}\n")
+    return site
+
+
+def test_with_the_diffs_muonds_needs_no_import_and_deepspeed_passes_the_model(
+    patched_site: Path,
+) -> None:
+    outcome = _run_plugin_job(patched_site)
+    assert outcome["deepspeed"].startswith(str(patched_site)), outcome
+    assert outcome.get("optimizer") == "DeepSpeedZeroOrtho", outcome
+    assert outcome["adamw_matrices"] == ["embed.weight", "lm_head.weight"]
+    assert outcome["deepspeed_builds_with_model"] == ["embed.weight", "lm_head.weight"]
+
+
+def test_without_the_diffs_deepspeed_names_only_the_type(tmp_path: Path) -> None:
+    """Stock 0.19.8 with the same entry point installed: why patches/README.md says the
+    import is needed (DeepSpeed's error does not mention muon_ds)."""
+    info = tmp_path / "muon_ds_entry_point-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: muon_ds_entry_point\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[deepspeed.optimizers]\n{ENTRY_POINT}\n")
+    outcome = _run_plugin_job(tmp_path)
+    assert outcome.get("error") == "MuonDS is not a supported DeepSpeed Optimizer", outcome
