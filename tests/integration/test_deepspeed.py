@@ -30,11 +30,13 @@ MUON_PARAMS = {"lr": 0.02, "weight_decay": 0.1, "ns_dtype": "float32"}
 MATRICES = ("up.weight", "mid.weight", "down.weight")
 
 
-def _reference(world: int, gas: int, clip: float) -> tuple[TinyLM, Muon, float]:
+def _reference(
+    world: int, gas: int, clip: float, params: dict[str, Any]
+) -> tuple[TinyLM, Muon, float]:
     """The unsharded run; also returns the last step's raw (pre-clipping) gradient norm."""
     torch.manual_seed(0)
     model = TinyLM()
-    optimizer = Muon(model, MuonConfig.from_dict(MUON_PARAMS))
+    optimizer = Muon(model, MuonConfig.from_dict(params))
     raw_norm = 0.0
     for step in range(STEPS):
         model.zero_grad()
@@ -101,19 +103,22 @@ def _zero_cases(rank: int, world: int) -> dict[str, Any]:
     entered = []
     original_muon.muon_update = lambda *args, **kwargs: entered.append(1)
     results: dict[str, Any] = {}
+    # ZeRO-2 also exempts ndim < 2 parameters and the embedding from weight decay.
+    exempt = {**MUON_PARAMS, "decay_vectors_and_embeddings": False}
     cases = {
-        "stage1": ({}, 1, 0.0),
+        "stage1": ({}, 1, 0.0, MUON_PARAMS),
         "stage1_gas2_clip": (
             {"gradient_accumulation_steps": 2, "gradient_clipping": 0.05},
             2,
             0.05,
+            MUON_PARAMS,
         ),
-        "stage2": ({"zero_optimization": {"stage": 2}}, 1, 0.0),
+        "stage2_decay_exempt": ({"zero_optimization": {"stage": 2}}, 1, 0.0, exempt),
     }
-    for name, (overrides, gas, clip) in cases.items():
-        engine = _engine(ds_config({"type": "MuonDS", "params": MUON_PARAMS}, **overrides))
+    for name, (overrides, gas, clip, params) in cases.items():
+        engine = _engine(ds_config({"type": "MuonDS", "params": params}, **overrides))
         _train(engine, rank, gas, range(STEPS))
-        reference, optimizer, raw_norm = _reference(world, gas, clip)
+        reference, optimizer, raw_norm = _reference(world, gas, clip, params)
         results[name] = {
             "raw_norm": raw_norm,
             "deepspeed_muon_calls": len(entered),
@@ -132,7 +137,8 @@ def zero_runs(request: pytest.FixtureRequest) -> tuple[int, list[dict[str, Any]]
 
 
 def test_zero_training_equals_single_process_muon(zero_runs) -> None:
-    """Params and optimizer state after 3 steps, ZeRO-1, ZeRO-1 with GAS 2 + clipping, ZeRO-2."""
+    """Params and optimizer state after 3 steps, ZeRO-1, ZeRO-1 with GAS 2 + clipping, ZeRO-2
+    with the weight-decay exemption."""
     _, results = zero_runs
     for rank, by_case in enumerate(results):
         for case, result in by_case.items():
@@ -276,7 +282,7 @@ def test_stepping_outside_a_deepspeed_engine_is_refused() -> None:
     with pytest.raises(
         UnsupportedDeepSpeedSetupError,
         match=r"MuonDS steps inside a DeepSpeed engine with zero_optimization stage 1 or 2, but "
-        r"a parameter of shape \(29, 24\) is not partitioned by ZeRO",
+        r"a parameter of shape \(77, 24\) is not partitioned by ZeRO",
     ):
         optimizer.step()
 
@@ -808,10 +814,17 @@ def _reshard_save(rank: int, world: int, directory: str) -> None:
 
 
 def _reshard_load(rank: int, world: int, directory: str) -> dict[str, Any]:
-    """DP=2 from the universal checkpoint; each rank plays two DP=4 ranks' micro-batches."""
+    """DP=2 from the universal checkpoint; each rank plays two DP=4 ranks' micro-batches.
+    Loaded first under another routing, which the checkpoint's record refuses."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     use_gloo_only(rank, world)
+    rerouted = {**MUON_PARAMS, "adamw_patterns": ["*embed*", "*lm_head*", "mid.*"]}
+    refusal = _error_of(
+        lambda: _engine(
+            ds_config({"type": "MuonDS", "params": rerouted}, checkpoint={"load_universal": True})
+        ).load_checkpoint(directory)
+    )
     config = ds_config(
         {"type": "MuonDS", "params": MUON_PARAMS},
         gradient_accumulation_steps=2,
@@ -832,11 +845,13 @@ def _reshard_load(rank: int, world: int, directory: str) -> dict[str, Any]:
         },
         "momentum_changed": not torch.equal(momentum, saved["momentum"]),
         "steps": engine.global_steps,
+        "rerouted": refusal,
     }
 
 
 def test_checkpoint_saved_at_dp4_resumes_at_dp2_with_the_same_momentum() -> None:
-    """Resume at DP=2 equals the uninterrupted DP=4 run: momentum (and Adam moments) carried."""
+    """Resume at DP=2 equals the uninterrupted DP=4 run: momentum (and Adam moments) carried;
+    the universal checkpoint keeps the routing record, so another routing is refused."""
     import subprocess
     import sys
 
@@ -862,3 +877,7 @@ def test_checkpoint_saved_at_dp4_resumes_at_dp2_with_the_same_momentum() -> None
         for result in run_ranks(2, _reshard_load, directory, timeout=900):
             assert max(result["param_errors"].values()) <= TOL, result
             assert result["momentum_changed"]
+            assert result["rerouted"].startswith(
+                "ValueError: muon_ds: the checkpoint routes parameters to Muon and AdamW "
+                "differently from this run: saved on Muon but not on Muon now: 1 (mid.weight)"
+            ), result["rerouted"]
