@@ -21,7 +21,7 @@ What each function touches (read in DeepSpeed 0.19.8's source):
 ``zero_settings``
     ``engine.zero_optimization_stage()``, ``engine.zero_cpu_offload()`` and
     ``engine._config.zero_config.round_robin_gradients``.
-``partition_fragment``, ``data_parallel_group``, ``is_zero3_param``
+``is_zero12_param``, ``partition_fragment``, ``data_parallel_group``, ``is_zero3_param``
     What ZeRO attaches to each model parameter: ``_hp_mapping`` (a ``tensor_fragment``:
     ``lp_fragment_address``, ``hp_fragment_address``, ``use_offload``), ``_dp_group``,
     and stage 3's ``ds_id``.

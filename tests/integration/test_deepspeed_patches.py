@@ -175,6 +175,52 @@ def test_checkpoint_record_refuses_a_load_state_dict_of_another_signature() -> N
         patches.record_in_zero_checkpoints(OtherZero(), "key", dict, lambda saved: None)
 
 
+class Bf16Like:
+    """``BF16_Optimizer``'s argument order: the checkpoint folder second."""
+
+    def __init__(self) -> None:
+        self.loaded: list[Any] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": 1}
+
+    def load_state_dict(
+        self,
+        state_dict_list: Any,
+        checkpoint_folder: Any = None,
+        load_optimizer_states: bool = True,
+    ) -> None:
+        self.loaded.append((state_dict_list, checkpoint_folder, load_optimizer_states))
+
+
+def test_checkpoint_record_is_saved_and_checked_before_loading(tmp_path: Path) -> None:
+    """Rigid (other ranks' entries None), universal (``zero/optimizer_state.pt``), none."""
+    zero = Bf16Like()
+    checked: list[Any] = []
+    patches.record_in_zero_checkpoints(zero, "rec", lambda: {"a": "muon"}, checked.append)
+    saved = zero.state_dict()
+    assert saved == {"base": 1, "rec": {"a": "muon"}}
+    zero.load_state_dict([None, saved])
+    (tmp_path / "zero").mkdir()
+    torch.save({"rec": {"b": "adamw"}}, tmp_path / "zero" / "optimizer_state.pt")
+    zero.load_state_dict(None, str(tmp_path), False)  # positional, in BF16_Optimizer's order
+    zero.load_state_dict([{"base": 1}])
+    assert checked == [{"a": "muon"}, {"b": "adamw"}, None]
+    assert zero.loaded[1] == (None, str(tmp_path), False)
+
+
+def test_a_failing_check_stops_the_load() -> None:
+    zero = Bf16Like()
+
+    def refuse(saved: Any) -> None:
+        raise ValueError(f"refused {saved}")
+
+    patches.record_in_zero_checkpoints(zero, "rec", dict, refuse)
+    with pytest.raises(ValueError, match="refused None"):
+        zero.load_state_dict([{}])
+    assert zero.loaded == []
+
+
 def test_a_type_name_deepspeed_lower_cases_to_its_own_is_refused() -> None:
     with pytest.raises(ValueError, match=r"optimizer type 'MUON' lower-cases to DeepSpeed's own"):
         patches.build_from_config("MUON", lambda *a: None)
