@@ -314,10 +314,13 @@ def partition_fragment(param: torch.Tensor) -> Fragment | None:
     )
 
 
-def data_parallel_group(param: torch.Tensor) -> Any | None:
-    """The process group ZeRO partitions ``param`` over (the expert-DP group for MoE);
-    ``None`` (the default group) where ZeRO attached none."""
-    return getattr(param, "_dp_group", None)
+def data_parallel_group(param: torch.Tensor) -> Any:
+    """The process group ZeRO partitions ``param`` over (the expert-DP group for MoE).
+
+    ZeRO 1/2 sets ``_dp_group`` beside ``_hp_mapping`` on every parameter it links; a
+    partitioned parameter without it means DeepSpeed changed (PatchError).
+    """
+    return require_attribute(param, "_dp_group", "muon_ds.patches.deepspeed.data_parallel_group")
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:

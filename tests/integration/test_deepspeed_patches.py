@@ -151,6 +151,14 @@ def test_engine_reads_refuse_an_engine_without_the_zero_config() -> None:
         patches.zero_settings(engine)
 
 
+def test_group_read_refuses_a_partitioned_parameter_without_its_group() -> None:
+    param = _mapped_param()
+    with pytest.raises(PatchError, match=r"data_parallel_group patches Parameter\._dp_group"):
+        patches.data_parallel_group(param)
+    param._dp_group = "group"  # type: ignore[attr-defined]
+    assert patches.data_parallel_group(param) == "group"
+
+
 def test_partition_reads_refuse_a_mapping_of_another_shape() -> None:
     param = _mapped_param()
     assert patches.partition_fragment(param) == patches.Fragment(0, 0, 16, False)
