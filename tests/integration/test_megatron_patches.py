@@ -3,8 +3,8 @@
 Each runtime patch is run against a megatron-core that is not the one it was written for
 (``importlib.metadata.version`` faked) and against one that lacks what it patches (the
 attribute removed): it must refuse with a ``PatchError`` naming the range or the
-attribute, and leave everything as it was. The entry-point hook is exercised on
-stand-ins, so no Megatron global is set in this process.
+attribute, and leave everything as it was. The entry-point hook and the runner's own
+checks are exercised on stand-ins, so no Megatron global is set in this process.
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from muon_ds.megatron.run import EntryHooks, runner_parser
 from muon_ds.patches import PatchError, megatron_cpu
 from muon_ds.patches import megatron as patches
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -238,3 +242,21 @@ def test_hooked_entry_point_adds_flags_after_the_scripts_and_wraps_pretrain(rest
     assert around == ["before"]
     with pytest.raises(PatchError, match="hooked already"):
         patches.hook_entry_point(muon_ds_args, parsed.append, around_pretrain)
+
+
+def test_runner_refuses_a_script_that_trains_without_the_hooked_parse() -> None:
+    with pytest.raises(RuntimeError, match=r"without parsing through .*parse_and_validate_args"):
+        EntryHooks(cpu=False).around_pretrain(lambda: None)
+
+
+def test_runner_cpu_needs_gloo() -> None:
+    with pytest.raises(ValueError, match="--cpu: the script needs --distributed-backend gloo"):
+        EntryHooks(cpu=True).on_parsed(argparse.Namespace(distributed_backend="nccl"))
+
+
+def test_runner_options_stop_at_the_script() -> None:
+    options = runner_parser().parse_args(
+        ["--cpu", "pretrain_gpt.py", "--optimizer", "muon", "--cpu", "-h"]
+    )
+    assert (options.cpu, options.script) == (True, Path("pretrain_gpt.py"))
+    assert options.script_args == ["--optimizer", "muon", "--cpu", "-h"]
