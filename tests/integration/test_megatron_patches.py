@@ -260,3 +260,20 @@ def test_runner_options_stop_at_the_script() -> None:
     )
     assert (options.cpu, options.script) == (True, Path("pretrain_gpt.py"))
     assert options.script_args == ["--optimizer", "muon", "--cpu", "-h"]
+
+
+def test_the_megatron_lm_diff_uses_what_muon_ds_exports() -> None:
+    """``patches/megatron-lm-pretrain_gpt.diff`` cannot be applied here (no Megatron-LM
+    source), but the muon_ds names its added lines use must exist and be exported."""
+    from muon_ds.megatron import arguments
+
+    diff = (ROOT / "patches" / "megatron-lm-pretrain_gpt.diff").read_text()
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+") and line[1:2] != "+"]
+    (imported,) = [line for line in added if line.startswith("from muon_ds")]
+    assert imported.startswith("from muon_ds.megatron.arguments import ")
+    names = imported.split(" import ")[1].split(", ")
+    assert names == ["add_muon_ds_args", "use_muon_ds_from_args"]
+    assert set(names) <= set(arguments.__all__)
+    body = "\n".join(added)
+    assert "add_muon_ds_args(" in body
+    assert "use_muon_ds_from_args(args)" in body
