@@ -8,7 +8,7 @@ module these patches read or replace (``megatron/core/optimizer/__init__.py`` an
 and in 0.19.2, the version muon_ds is tested with, while 0.18.2 differs in all of them
 (its ``distrib_optimizer.py`` by some 250 lines; its ``pretrain()`` still took the model
 provider positionally). The upper bound: Megatron-LM's main branch (0.20.0 in the making)
-rewrites ``get_megatron_optimizer``'s Adam path, which ``get_muon_ds_optimizer`` mirrors,
+changes ``get_megatron_optimizer``'s Adam path, which ``get_muon_ds_optimizer`` mirrors,
 and the "fully_reshardable" checkpoint layout ``MuonDistributedOptimizer`` overrides.
 
 The patches import no muon_ds adapter: ``muon_ds.megatron`` hands them its builder and
