@@ -23,7 +23,7 @@ variants call), muon_ds's by its own counter. ``run`` executes inside a spawned 
 ``collectives.install()`` has run before Megatron is imported (Megatron binds some
 collectives at import), so the CUDA stand-ins and every Megatron import stay inside it.
 
-These contenders run on CPU gloo ranks only (``launch/megatron/cpu_shims.py`` installed,
+These contenders run on CPU gloo ranks only (``muon_ds.patches.megatron_cpu`` installed,
 parameters on the CPU), even where a GPU is present; an NCCL/GPU variant is not written.
 A bare ``assert`` failing inside Megatron is re-raised with its file, line and condition,
 so the driver's one-line error names it.
@@ -48,6 +48,7 @@ from benchmarks import collectives
 from benchmarks.run_options import RunOptions, tokens
 from benchmarks.shapes import ModelShape
 from muon_ds.math import newton_schulz_flops
+from muon_ds.patches import megatron_cpu
 
 LAYOUTS: dict[tuple[str, int], list[str]] = {
     ("dense", 2): ["DP=2"],
@@ -91,14 +92,6 @@ def parallel_sizes(layout: str, world: int) -> tuple[int, int]:
             "(DP being expert-DP when EP is given), and TP with EP is not benchmarked"
         )
     return tp, ep
-
-
-@functools.cache
-def _install_cpu_shims() -> None:
-    """The launcher's CUDA stand-ins for Megatron on CPU, once per process."""
-    from launch.megatron.cpu_shims import install
-
-    install()
 
 
 @contextlib.contextmanager
@@ -370,7 +363,7 @@ def _run(
     tp, ep = parallel_sizes(layout, world)
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    _install_cpu_shims()
+    megatron_cpu.install()  # once per process; later calls do nothing
     _check_megatron_collectives_counted()
     from megatron.core import parallel_state as ps
 

@@ -2,10 +2,10 @@
 
     python -m benchmarks.gpu_check [--out out/gpu_check] [--dry-run] [--only PART ...]
 
-Parts, in the order issue 13 gives them: the kernel tests compiled, kernel speed, the
-sharded step on CUDA tensors, DeepSpeed ZeRO-1 training, Megatron ``pretrain()``
-training. A part that fails or overruns its box is reported and the next one starts. The
-exit status is 0 only if every part ran and every check held.
+Parts: the kernel tests compiled and the sharded step on CUDA tensors (together: tests
+only), then kernel speed, DeepSpeed ZeRO-1 training and Megatron ``pretrain()`` training,
+each alone since each measures time. A part that fails or overruns its box is reported
+and the next one starts. The exit status is 0 only if every part ran and every check held.
 """
 
 from __future__ import annotations
@@ -43,13 +43,18 @@ class Part:
     """Time box of the dry run on a CPU (CI's machine: 2 slow cores)."""
 
 
-PARTS = [
-    Part("kernel_tests", ["benchmarks.gpu_check.pytest_part", "kernel_tests"], 170, 300),
-    Part("kernel_speed", ["benchmarks.gpu_check.kernel_speed"], 90, 300),
-    Part("sharded_step", ["benchmarks.gpu_check.pytest_part", "sharded_step"], 150, 300),
-    Part("deepspeed_train", ["benchmarks.gpu_check.deepspeed_train"], 100, 600),
-    Part("megatron_train", ["benchmarks.gpu_check.megatron_train"], 200, 600),
+KERNEL_TESTS = Part("kernel_tests", ["benchmarks.gpu_check.pytest_part", "kernel_tests"], 170, 300)
+SHARDED_STEP = Part("sharded_step", ["benchmarks.gpu_check.pytest_part", "sharded_step"], 150, 300)
+STAGES = [
+    # Tests only, no timings: they share the GPU (and the 16 CPUs that compile Triton).
+    [KERNEL_TESTS, SHARDED_STEP],
+    # Each measures time, so each has the machine to itself.
+    [Part("kernel_speed", ["benchmarks.gpu_check.kernel_speed"], 90, 300)],
+    [Part("deepspeed_train", ["benchmarks.gpu_check.deepspeed_train"], 100, 600)],
+    [Part("megatron_train", ["benchmarks.gpu_check.megatron_train"], 200, 600)],
 ]
+"""Parts in order; the parts of one stage run at the same time."""
+PARTS = [part for stage in STAGES for part in stage]
 PACKAGES = ("torch", "triton", "deepspeed", "megatron-core", "emerging-optimizers", "muon_ds")
 
 
@@ -66,37 +71,57 @@ def versions() -> dict[str, str | None]:
     return found | {name: version(name) for name in PACKAGES}
 
 
-def run_part(part: Part, out: Path, dry_run: bool) -> tuple[PartResult, float]:
-    """Run one part in its own process group; kill the whole group when its box ends."""
+def run_stage(parts: list[Part], out: Path, dry_run: bool) -> list[tuple[PartResult, float]]:
+    """Start every part of a stage, each in its own process group, and watch them: a part
+    ends when its process does, or is killed with its group when its box ends. The
+    parts' results with their own seconds, in order."""
+    began = time.monotonic()
+    running = {part.name: (part, *start(part, out, dry_run)) for part in parts}
+    ended: dict[str, tuple[PartResult, float]] = {}
+    while running:
+        time.sleep(0.5)
+        for name, (part, child, box) in list(running.items()):
+            seconds = time.monotonic() - began
+            if child.poll() is not None:
+                problem = None if child.returncode == 0 else f"exit status {child.returncode}"
+            elif seconds > box:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                problem = f"killed at its {box} s time box"
+            else:
+                continue
+            ended[name] = (collect(part, out, problem, began), seconds)
+            del running[name]
+    return [ended[part.name] for part in parts]
+
+
+def start(part: Part, out: Path, dry_run: bool) -> tuple[subprocess.Popen, int]:
+    """The part's process (output to ``out/<part>.log``) and its time box."""
     box = part.dry_run_seconds if dry_run else part.gpu_seconds
     command = [sys.executable, "-m", *part.module, "--out", str(out)]
     command += ["--dry-run"] if dry_run else []
-    log = out / f"{part.name}.log"
     print(f"== {part.name} (box {box} s): {' '.join(command)}", flush=True)
-    began = time.monotonic()
-    with log.open("w") as sink:
+    with (out / f"{part.name}.log").open("w") as sink:
         child = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
         )
-        try:
-            child.wait(timeout=box)
-            problem = None if child.returncode == 0 else f"exit status {child.returncode}"
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            problem = f"killed at its {box} s time box"
-    seconds = time.monotonic() - began
-    tail = log.read_text(errors="replace")[-3000:]
-    print(tail[-1500:], flush=True)
+    return child, box
+
+
+def collect(part: Part, out: Path, problem: str | None, began: float) -> PartResult:
+    """The result the part wrote in this run, failed with the log's tail on a problem."""
+    tail = (out / f"{part.name}.log").read_text(errors="replace")[-3000:]
+    print(f"== {part.name}: {problem or 'done'}\n{tail[-1500:]}", flush=True)
     result_file = out / f"{part.name}.json"
-    if result_file.exists() and result_file.stat().st_mtime >= time.time() - seconds - 1:
+    started = time.time() - (time.monotonic() - began)
+    if result_file.exists() and result_file.stat().st_mtime >= started - 1:
         result = PartResult(**json.loads(result_file.read_text()))
     else:
         result = PartResult(part.name, ok=False, device="", notes=["no result written"])
     if problem:
         result.ok = False
         result.notes = [problem, *result.notes, f"log tail:\n{tail}"]
-    return result, seconds
+    return result
 
 
 def report(results: list[tuple[PartResult, float]], header: dict, dry_run: bool) -> str:
@@ -135,9 +160,10 @@ def main() -> None:
     print("\n".join(f"{k}: {v}" for k, v in header.items()), flush=True)
     began = time.monotonic()
     results = []
-    for part in PARTS:
-        if part.name in (args.only or [part.name]):
-            results.append(run_part(part, args.out, args.dry_run))
+    for stage in STAGES:
+        chosen = [part for part in stage if part.name in (args.only or [part.name])]
+        if chosen:
+            results += run_stage(chosen, args.out, args.dry_run)
             header["wall seconds"] = round(time.monotonic() - began, 1)
             text = write_report(args.out, results, header, args.dry_run)  # a kill keeps it
     print(text, flush=True)

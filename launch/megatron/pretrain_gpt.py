@@ -4,15 +4,16 @@ The shape of Megatron-LM's ``pretrain_gpt.py`` (``model_provider``, a datasets p
 ``forward_step``), with three additions:
 
 - ``add_muon_ds_args`` extends Megatron's parser (``--muon-impl`` and the ``--muon-*``
-  knobs Megatron lacks); ``muon_config_from_args`` turns the flags into a MuonConfig and
-  ``use_muon_ds`` makes ``setup_model_and_optimizer`` build muon_ds inside Megatron's
-  distributed optimizer. ``--muon-impl megatron`` leaves Megatron's own Muon in place.
+  knobs Megatron lacks); ``use_muon_ds_from_args`` turns the flags into a MuonConfig and
+  makes ``setup_model_and_optimizer`` build muon_ds inside Megatron's distributed
+  optimizer. ``--muon-impl megatron`` leaves Megatron's own Muon in place. (An entry
+  script without these lines gets the same through ``python -m muon_ds.megatron.run``.)
 - The data is embedded: byte-level windows of Python's standard-library sources
   (``launch/tiny_gpt.py``'s corpus, vocabulary 256, held-out files for validation), so
   nothing is downloaded and no tokenizer is needed (``--tokenizer-type NullTokenizer``);
   ``--mock-data`` takes Megatron's own MockGPTDataset instead.
-- ``--cpu`` (with ``--distributed-backend gloo``) installs ``cpu_shims`` before anything
-  else, so the same ``pretrain()`` runs on CPU ranks; GPU runs never load it.
+- ``--cpu`` (with ``--distributed-backend gloo``) installs ``muon_ds.patches.megatron_cpu``
+  before anything else, so the same ``pretrain()`` runs on CPU ranks; GPU runs never load it.
 
 Run from the repository root as a module, e.g. ``torchrun --nproc-per-node 4 -m
 launch.megatron.pretrain_gpt ...`` (see ``train_cpu.sh`` and ``train_gpu.sh``).
@@ -21,7 +22,6 @@ launch.megatron.pretrain_gpt ...`` (see ``train_cpu.sh`` and ``train_gpu.sh``).
 from __future__ import annotations
 
 import argparse
-import importlib
 from functools import partial
 from typing import Any
 
@@ -38,20 +38,17 @@ from megatron.training.argument_utils import pretrain_cfg_container_from_args
 from megatron.training.arguments import core_transformer_config_from_args, parse_and_validate_args
 
 from launch.tiny_gpt import VOCAB_SIZE, stdlib_corpus
-from muon_ds.megatron.arguments import (
-    add_muon_ds_args,
-    muon_config_from_args,
-    qkv_split_from_args,
-    tp_mode_from_args,
-    use_muon_ds,
-)
+from muon_ds.megatron.arguments import add_muon_ds_args, use_muon_ds_from_args
+from muon_ds.megatron.optimizer import report_muon_ds_work
+from muon_ds.patches.megatron import use_prebuilt_dataset_helpers
 
 
 def add_cpu_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--cpu",
         action="store_true",
-        help="train on CPU ranks (needs --distributed-backend gloo): installs cpu_shims",
+        help="train on CPU ranks (needs --distributed-backend gloo): installs "
+        "muon_ds.patches.megatron_cpu",
     )
     return parser
 
@@ -210,54 +207,13 @@ def forward_step(data_iterator: Any, model: GPTModel) -> tuple[torch.Tensor, Any
     return output, partial(loss_func, loss_mask)
 
 
-def use_prebuilt_dataset_helpers() -> None:
-    """Skip ``initialize_megatron``'s ``make`` of the C++ dataset helpers.
-
-    The megatron-core wheel ships them compiled (``helpers_cpp``) but not their Makefile,
-    so rank 0's ``make`` fails and exits the job; when the compiled module imports, there
-    is nothing to build.
-    """
-    from megatron.core.datasets import utils
-
-    # Raises here, clearly, if the compiled helpers are missing after all.
-    importlib.import_module("megatron.core.datasets.helpers_cpp")
-    utils.compile_helpers = lambda: None
-
-
-def remember_optimizer(built: list[Any]) -> None:
-    """Keep what ``setup_model_and_optimizer`` builds, for the closing count of the work."""
-    from megatron.training import training
-
-    build = training.get_megatron_optimizer
-
-    def build_and_keep(*args: Any, **kwargs: Any) -> Any:
-        built.append(build(*args, **kwargs))
-        return built[-1]
-
-    training.get_megatron_optimizer = build_and_keep
-
-
-def report_muon_ds_work(optimizer: Any) -> None:
-    """This rank's counted Newton-Schulz matrices and Muon exchange bytes over the run."""
-    ns_matrices = bytes_sent = 0
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        counter = part.optimizer.counter
-        ns_matrices += counter.ns_matrices
-        bytes_sent += counter.exchange_bytes()
-    print(
-        f"muon_ds: rank {torch.distributed.get_rank()}: Newton-Schulz on {ns_matrices} "
-        f"matrices, {bytes_sent} Muon exchange bytes sent over this run",
-        flush=True,
-    )
-
-
 def main() -> None:
     # The CPU stand-ins go in before Megatron parses: its validate_args queries the GPU.
     cpu, _ = cpu_parser().parse_known_args()
     if cpu.cpu:
-        from launch.megatron import cpu_shims
+        from muon_ds.patches import megatron_cpu
 
-        cpu_shims.install()
+        megatron_cpu.install()
     args = parse_and_validate_args(
         extra_args_provider=add_launch_args,
         args_defaults={"tokenizer_type": "NullTokenizer", "vocab_size": VOCAB_SIZE},
@@ -270,11 +226,7 @@ def main() -> None:
             "Megatron's mock data; it reads no --data-path / --train-data-path / --sft data"
         )
     use_prebuilt_dataset_helpers()
-    muon_config = muon_config_from_args(args)
-    built: list[Any] = []
-    if muon_config is not None:
-        use_muon_ds(muon_config, qkv_split_from_args(args), tp_mode_from_args(args))
-        remember_optimizer(built)
+    built = use_muon_ds_from_args(args)
     pretrain(
         pretrain_cfg_container_from_args(args),
         train_valid_test_datasets_provider,
@@ -282,8 +234,8 @@ def main() -> None:
         forward_step,
         model_provider=model_provider,
     )
-    if muon_config is not None:
-        report_muon_ds_work(built[0])
+    if built:
+        report_muon_ds_work(built[-1])
 
 
 if __name__ == "__main__":

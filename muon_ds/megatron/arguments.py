@@ -16,10 +16,14 @@ inside the ordinary (element-wise sharded) distributed optimizer.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from muon_ds.config import NS_DTYPES, MuonConfig
 from muon_ds.megatron.views import QkvSplit, TpMode
+from muon_ds.patches import megatron as patches
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
 
 _MEGATRON_DEFAULTS = "muon_ds_megatron_defaults"
 _TP_MODE = "muon_ds_tp_mode"
@@ -212,15 +216,18 @@ def tp_mode_from_args(args: argparse.Namespace) -> TpMode:
     return getattr(args, _TP_MODE)
 
 
-def use_muon_ds(config: MuonConfig, qkv_split: QkvSplit, tp_mode: TpMode = "whole") -> None:
+def use_muon_ds(
+    config: MuonConfig, qkv_split: QkvSplit, tp_mode: TpMode = "whole"
+) -> list[ChainedOptimizer]:
     """Make ``megatron.training``'s setup build muon_ds instead of Megatron's optimizer.
 
-    ``setup_model_and_optimizer`` looks ``get_megatron_optimizer`` up in its module at
-    call time, so replacing that name is the one hook needed; no source is patched.
+    The hook is ``muon_ds.patches.megatron.install_optimizer_factory`` (version-guarded);
+    no source is patched. Returns the list every optimizer built from then on is
+    appended to, for the closing ``report_muon_ds_work``.
     """
-    from megatron.training import training
-
     from muon_ds.megatron.optimizer import get_muon_ds_optimizer
+
+    built: list[ChainedOptimizer] = []
 
     def build(
         optimizer_config: Any,
@@ -228,10 +235,10 @@ def use_muon_ds(config: MuonConfig, qkv_split: QkvSplit, tp_mode: TpMode = "whol
         config_overrides: dict | None = None,
         use_gloo_process_groups: bool = True,
         dump_param_to_param_group_map: str | None = None,
-    ) -> Any:
+    ) -> ChainedOptimizer:
         if dump_param_to_param_group_map is not None:
             raise NotImplementedError("muon_ds: --dump-param-to-param-group-map")
-        return get_muon_ds_optimizer(
+        optimizer = get_muon_ds_optimizer(
             optimizer_config,
             model_chunks,
             config,
@@ -240,8 +247,21 @@ def use_muon_ds(config: MuonConfig, qkv_split: QkvSplit, tp_mode: TpMode = "whol
             qkv_split=qkv_split,
             tp_mode=tp_mode,
         )
+        built.append(optimizer)
+        return optimizer
 
-    training.get_megatron_optimizer = build
+    patches.install_optimizer_factory(build)
+    return built
+
+
+def use_muon_ds_from_args(args: argparse.Namespace) -> list[ChainedOptimizer] | None:
+    """What an entry point does between parsing and ``pretrain()``: the effective config
+    (``muon_config_from_args``, always called: it also restores Megatron's defaults) and,
+    when muon_ds is selected, ``use_muon_ds``; None when it is not."""
+    config = muon_config_from_args(args)
+    if config is None:
+        return None
+    return use_muon_ds(config, qkv_split_from_args(args), tp_mode_from_args(args))
 
 
 __all__ = [
@@ -250,4 +270,5 @@ __all__ = [
     "qkv_split_from_args",
     "tp_mode_from_args",
     "use_muon_ds",
+    "use_muon_ds_from_args",
 ]

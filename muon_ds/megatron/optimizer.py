@@ -12,7 +12,9 @@ distributed optimizer's own ranges (``muon_ds.megatron.views``).
 Adam path (same param groups and overrides, same process groups, one distributed
 optimizer for dense and one for expert-parallel parameters, chained), so the training
 loop, the LR/WD scheduler and logging see the usual ``ChainedOptimizer``. Written
-against megatron-core 0.19.2; it uses that version's ``_get_param_groups_and_buffers``.
+against megatron-core 0.19; what it needs of Megatron's internals (the private
+``_get_param_groups_and_buffers``, the ``DistributedOptimizer`` methods overridden here,
+DDP's bucket groups) goes through ``muon_ds.patches.megatron``, which checks the version.
 """
 
 from __future__ import annotations
@@ -26,11 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensorFactory
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
-from megatron.core.optimizer import (
-    OptimizerConfig,
-    _get_param_groups_and_buffers,
-    get_standard_config_overrides,
-)
+from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.grad_scaler import (
     ConstantGradScaler,
@@ -56,6 +54,7 @@ from muon_ds.megatron.views import (
     megatron_route,
     shard_views,
 )
+from muon_ds.patches import megatron as patches
 from muon_ds.sharded import MOMENTUM, ShardedMuon
 
 
@@ -103,6 +102,7 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         grad_scaler: MegatronGradScaler | None = None,
         **distributed_optimizer_args: Any,
     ) -> None:
+        patches.check_distributed_optimizer(DistributedOptimizer)
         # Every model param of this optimizer, not only this rank's (checkpoints list all),
         # taken before Megatron puts the shards into these same group dicts.
         muon_params = {
@@ -423,11 +423,8 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         expert alike, so with MoE each of the two chained distributed optimizers gathers
         every parameter and each one travels twice per step (its Adam does the same).
         """
-        own = {id(bucket) for buffer in self.buffers for bucket in buffer.buckets}
-        for chunk in self.model_chunks:
-            for bucket_group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
-                if any(id(bucket) in own for bucket in bucket_group.buckets):
-                    chunk._start_bucket_group_param_sync(bucket_group, force_sync=False)
+        own = [bucket for buffer in self.buffers for bucket in buffer.buckets]
+        patches.start_own_param_sync(self.model_chunks, own)
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
@@ -444,6 +441,22 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         bad = (~finite).to(torch.int32).reshape(1).to(self.buffers[0].grad_data.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return found_inf or bool(bad.item())
+
+
+def report_muon_ds_work(optimizer: ChainedOptimizer) -> str:
+    """Print (and return) this rank's counted Newton-Schulz matrices and Muon exchange
+    bytes over the run: what an entry point says when ``pretrain()`` returns."""
+    ns_matrices = bytes_sent = 0
+    for part in optimizer.chained_optimizers:
+        counter = part.optimizer.counter
+        ns_matrices += counter.ns_matrices
+        bytes_sent += counter.exchange_bytes()
+    line = (
+        f"muon_ds: rank {dist.get_rank()}: Newton-Schulz on {ns_matrices} "
+        f"matrices, {bytes_sent} Muon exchange bytes sent over this run"
+    )
+    print(line, flush=True)
+    return line
 
 
 def grad_scaler(config: OptimizerConfig) -> MegatronGradScaler | None:
@@ -579,13 +592,8 @@ def get_muon_ds_optimizer(
 
     def build(is_expert: bool, **args: Any) -> MuonDistributedOptimizer | None:
         # Collective (Megatron aligns the groups over the world): every rank calls it.
-        param_groups, buffers = _get_param_groups_and_buffers(
-            model_chunks,
-            model_chunk_offset=0,
-            config=config,
-            config_overrides=config_overrides,
-            filter_fn=lambda g: g["is_expert_parallel"] == is_expert,
-            buffer_name="expert_parallel_buffers" if is_expert else "buffers",
+        param_groups, buffers = patches.param_groups_and_buffers(
+            list(model_chunks), config, config_overrides, is_expert
         )
         if not param_groups:
             return None

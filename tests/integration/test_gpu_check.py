@@ -14,11 +14,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_check.__main__ import PARTS
+from benchmarks.gpu_check.__main__ import PARTS, Part, run_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +63,20 @@ def test_dry_run_report_names_the_device_and_every_part(dry_run) -> None:
     assert "- device: cpu" in report
     for part in PARTS:
         assert f"## {part.name}" in report
+
+
+def test_a_part_past_its_box_is_killed_and_reported_while_the_others_finish(
+    tmp_path: Path,
+) -> None:
+    sleeper = Part("sleeper", ["tests.integration.gpu_check_sleeper"], 1, 1)
+    quick = Part("kernel_tests", ["benchmarks.gpu_check.pytest_part", "kernel_tests"], 1, 120)
+    began = time.monotonic()
+    (stuck, stuck_seconds), (done, _) = run_stage([sleeper, quick], tmp_path, dry_run=True)
+    assert time.monotonic() - began < 120
+    assert stuck_seconds < 10
+    assert not stuck.ok
+    assert stuck.notes[0] == "killed at its 1 s time box"
+    assert done.ok, done.notes
 
 
 @pytest.fixture(scope="module")

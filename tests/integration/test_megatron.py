@@ -75,9 +75,9 @@ class Scenario:
 
 
 def _train(rank: int, world: int, shape: models.Shape, scenario: Scenario) -> dict[str, Any]:
-    from tests.integration import megatron_shims
+    from muon_ds.patches import megatron_cpu
 
-    megatron_shims.install()
+    megatron_cpu.install()
     from megatron.core import parallel_state as ps
 
     from muon_ds.megatron import get_muon_ds_optimizer

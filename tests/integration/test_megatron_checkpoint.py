@@ -359,9 +359,9 @@ def _in_groups(tp: int, ep: int, scenario: Callable[..., dict], *args: Any) -> d
 
 def _world4(rank: int, world: int, root: str) -> dict:
     """Every world-4 scenario in one spawn, each with its own parallel groups."""
-    from tests.integration import megatron_shims
+    from muon_ds.patches import megatron_cpu
 
-    megatron_shims.install()
+    megatron_cpu.install()
     dense, moe = os.path.join(root, "dense"), os.path.join(root, "moe")
     return {
         "dense": _in_groups(2, 1, _resume, models.DENSE, 2, 1, dense, FORMATS, True),
@@ -376,9 +376,9 @@ def _world4(rank: int, world: int, root: str) -> dict:
 
 
 def _world2(rank: int, world: int, root: str) -> dict:
-    from tests.integration import megatron_shims
+    from muon_ds.patches import megatron_cpu
 
-    megatron_shims.install()
+    megatron_cpu.install()
     return {
         "dp4": _in_groups(
             1, 1, _reshard_load, rank, os.path.join(root, "dp4"), models.DENSE, 1, FORMATS

@@ -39,9 +39,9 @@ MATRICES = 6 * models.PLAIN.layers
 
 
 def _side_by_side(rank: int, world: int) -> dict[str, Any]:
-    from tests.integration import megatron_shims
+    from muon_ds.patches import megatron_cpu
 
-    megatron_shims.install()
+    megatron_cpu.install()
     from emerging_optimizers.orthogonalized_optimizers import muon_utils
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
