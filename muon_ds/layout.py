@@ -68,8 +68,18 @@ def route_param(name: str | None, param: torch.Tensor, config: MuonConfig) -> Ro
             route, source = "muon", "muon_patterns"
         elif any(fnmatchcase(name, p) for p in config.adamw_patterns):
             route, source = "adamw", "adamw_patterns"
+    if route is None and param.ndim < 2:
+        return "adamw"  # Muon cannot take a vector: shape alone decides
+    if route is None and name is None:
+        raise ValueError(
+            f"an unnamed parameter of shape {tuple(param.shape)} has no route: shape alone "
+            "cannot tell a hidden matrix from an embedding or the output head (Moonlight "
+            "sends those to AdamW). Pass the model (muon_ds.Muon(model)) or "
+            "model.named_parameters(), or tag it with muon_ds.set_route(param, 'muon' or "
+            "'adamw')"
+        )
     if route is None:
-        return "muon" if param.ndim >= 2 else "adamw"
+        return "muon"
     if route not in ROUTES:
         raise ValueError(
             f"parameter {name or '<unnamed>'}: {source} gives route {route!r}; "

@@ -256,7 +256,7 @@ def test_scale_mode_sets_step_size_relative_to_moonlight(mode: str) -> None:
     for m in ("moonlight", mode):
         p = torch.zeros(48, 16, requires_grad=True)
         p.grad = grad.clone()
-        muon_ds.Muon([p], MuonConfig(lr=LR, scale_mode=m)).step()
+        muon_ds.Muon([("h.w", p)], MuonConfig(lr=LR, scale_mode=m)).step()
         steps[m] = p.detach()
     ratio = update_scale(48, 16, mode) / update_scale(48, 16, "moonlight")
     torch.testing.assert_close(steps[mode], steps["moonlight"] * ratio, rtol=1e-6, atol=0)
@@ -264,7 +264,7 @@ def test_scale_mode_sets_step_size_relative_to_moonlight(mode: str) -> None:
 
 def test_momentum_is_float32_for_bfloat16_params() -> None:
     p = torch.randn(8, 12, dtype=torch.bfloat16, requires_grad=True)
-    opt = muon_ds.Muon([p])
+    opt = muon_ds.Muon([("h.w", p)])
     g = torch.randn(8, 12, dtype=torch.bfloat16)
     p.grad = g
     opt.step()
@@ -277,7 +277,7 @@ def test_momentum_is_float32_for_bfloat16_params() -> None:
 def test_param_without_grad_is_left_untouched_and_gets_no_state() -> None:
     a, b = _leaves(_matrices(6, [(8, 8), (8, 8)]))
     before = b.detach().clone()
-    opt = muon_ds.Muon([a, b])
+    opt = muon_ds.Muon([("h.a", a), ("h.b", b)])
     a.grad = torch.randn(8, 8)
     opt.step()
     assert torch.equal(b.detach(), before)
@@ -523,23 +523,26 @@ def test_user_param_groups_keep_their_own_lr_and_weight_decay() -> None:
     a, b = _leaves(_matrices(7, [(16, 24), (16, 24)]))
     ga, gb = _grad_sequence(1, [(16, 24), (16, 24)], seed=8)[0]
     opt = muon_ds.Muon(
-        [{"params": [a], "lr": 1e-2, "weight_decay": 0.0}, {"params": [b], "weight_decay": 0.5}],
+        [
+            {"params": [("h.a", a)], "lr": 1e-2, "weight_decay": 0.0},
+            {"params": [("h.b", b)], "weight_decay": 0.5},
+        ],
         MuonConfig(lr=2e-3),
     )
     solo_a, solo_b = _leaves([a.detach(), b.detach()])
     a.grad, b.grad = ga.clone(), gb.clone()
     opt.step()
     solo_a.grad, solo_b.grad = ga.clone(), gb.clone()
-    muon_ds.Muon([solo_a], MuonConfig(lr=1e-2, weight_decay=0.0)).step()
-    muon_ds.Muon([solo_b], MuonConfig(lr=2e-3, weight_decay=0.5)).step()
+    muon_ds.Muon([("h.a", solo_a)], MuonConfig(lr=1e-2, weight_decay=0.0)).step()
+    muon_ds.Muon([("h.b", solo_b)], MuonConfig(lr=2e-3, weight_decay=0.5)).step()
     assert torch.equal(a.detach(), solo_a.detach())
     assert torch.equal(b.detach(), solo_b.detach())
 
 
 def test_keyword_overrides_replace_config_fields_and_are_validated() -> None:
     p = torch.zeros(4, 4, requires_grad=True)
-    opt = muon_ds.Muon([p], MuonConfig(lr=0.5, momentum=0.9), weight_decay=0.0)
+    opt = muon_ds.Muon([("h.w", p)], MuonConfig(lr=0.5, momentum=0.9), weight_decay=0.0)
     assert (opt.config.lr, opt.config.momentum, opt.config.weight_decay) == (0.5, 0.9, 0.0)
     assert opt.param_groups[0]["weight_decay"] == 0.0
     with pytest.raises(muon_ds.MuonConfigError, match=r"momentum=1\.0 is not allowed"):
-        muon_ds.Muon([p], momentum=1.0)
+        muon_ds.Muon([("h.w", p)], momentum=1.0)

@@ -95,8 +95,13 @@ def test_moonlight_rule_routes_by_name_and_ndim(
     assert _routes(opt)[id(param)] == route
 
 
-def test_unnamed_tensors_are_routed_by_ndim() -> None:
+def test_an_unnamed_untagged_matrix_is_refused_instead_of_routed_by_shape() -> None:
+    """Shape cannot tell a hidden matrix from an embedding: without a name, a model or a
+    tag muon_ds refuses rather than guess. A vector needs no guess (Muon cannot take it)."""
     matrix, vector = torch.zeros(4, 4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"unnamed parameter of shape \(4, 4\) has no route"):
+        muon_ds.Muon([matrix, vector])
+    set_route(matrix, "muon")
     opt = muon_ds.Muon([matrix, vector])
     assert _routes(opt) == {id(matrix): "muon", id(vector): "adamw"}
 
@@ -277,7 +282,8 @@ def test_conv_update_is_orthogonal_as_a_flattened_matrix() -> None:
     weight = torch.zeros(6, 3, 3, 3, requires_grad=True)
     weight.grad = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(2))
     lr = 0.02
-    muon_ds.Muon([weight], MuonConfig(lr=lr, weight_decay=0.0, ns_dtype="float32")).step()
+    config = MuonConfig(lr=lr, weight_decay=0.0, ns_dtype="float32")
+    muon_ds.Muon([("conv.weight", weight)], config).step()
     o = -weight.detach().reshape(6, 27) / (lr * 0.2 * math.sqrt(27))
     singular_values = torch.linalg.svdvals(o.double())
     assert singular_values.min() > 0.68
