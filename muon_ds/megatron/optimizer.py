@@ -55,6 +55,7 @@ from muon_ds.megatron.views import (
     shard_views,
 )
 from muon_ds.patches import megatron as patches
+from muon_ds.routing import RoutedTensor, RoutingReport, print_on_rank0, routing_mismatch
 from muon_ds.sharded import MOMENTUM, ShardedMuon
 
 
@@ -114,6 +115,10 @@ class MuonDistributedOptimizer(DistributedOptimizer):
         holder = torch.optim.Optimizer(
             list(param_groups), {"lr": config.lr, "weight_decay": config.weight_decay}
         )
+        # Megatron swaps each group's params for shards below and sets its weight decay
+        # at every step: keep the model params, read the decay from the live group.
+        self._routed = [(list(group["params"]), group, names) for group in param_groups]
+        self._reported = False
         super().__init__(holder, config, grad_scaler, init_muon_state, **distributed_optimizer_args)
         self._muon_params = muon_params
         self._muon_record: list[str] | None = None  # set by sharded_state_dict
@@ -322,26 +327,30 @@ class MuonDistributedOptimizer(DistributedOptimizer):
                 "muon_ds: a checkpoint's routing record is checked against this run's, "
                 "made by sharded_state_dict(..., is_loading=True): call it before loading"
             )
-        saved, current = set(saved), set(self._muon_record)
-        if saved == current:
-            return
-
-        def some(names: set[str]) -> str:
-            if not names:
-                return "none"
-            shown = ", ".join(sorted(names)[:_NAMES_SHOWN])
-            return f"{len(names)} ({shown}{', ...' if len(names) > _NAMES_SHOWN else ''})"
-
-        raise ValueError(
-            "muon_ds: the checkpoint routes parameters to Muon and AdamW differently from "
-            f"this run: saved on Muon but not on Muon now: {some(saved - current)}; on Muon "
-            f"now but not saved on Muon: {some(current - saved)}. Muon's momentum and "
-            "AdamW's moments do not carry over between the two: load with the routing the "
-            "checkpoint was saved with (MuonConfig muon_patterns/adamw_patterns, "
-            "--muon-patterns/--muon-adamw-patterns, muon_ds.set_route tags, the same model), "
-            "or load the model weights alone and start the optimizer afresh "
-            "(--no-load-optim)"
+        problem = routing_mismatch(
+            dict.fromkeys(saved, "muon"), dict.fromkeys(self._muon_record, "muon")
         )
+        if problem:
+            raise ValueError(
+                f"muon_ds: {problem} (Megatron: --muon-patterns/--muon-adamw-patterns, or "
+                "--no-load-optim to start the optimizer afresh)"
+            )
+
+    def routed_tensors(self) -> list[RoutedTensor]:
+        """This rank's model parameters: name, local shape, route and weight decay
+        (``muon_ds.routing_report``; under TP the shapes are this rank's slices)."""
+        return [
+            RoutedTensor(names[p], tuple(p.shape), group["algorithm"], group["weight_decay"])
+            for params, group, names in self._routed
+            for p in params
+        ]
+
+    def step_with_ready_grads(self) -> bool:
+        """Megatron's step; before the first, rank 0 prints this optimizer's routing."""
+        if not self._reported:
+            self._reported = True
+            print_on_rank0(RoutingReport(tuple(self.routed_tensors())).lines())
+        return super().step_with_ready_grads()
 
     def state_dict(self) -> dict[str, Any]:
         """The param groups (lr, wd, overrides, algorithm) with AdamW's step in each, as

@@ -53,6 +53,7 @@ DISTRIBUTED_OPTIMIZER_HOOKS = (
     "load_parameter_state_from_fully_reshardable",
     "start_param_sync_for_bucket_group_subset",
     "prepare_grads",
+    "step_with_ready_grads",
 )
 """``DistributedOptimizer`` methods ``MuonDistributedOptimizer`` overrides or calls. An
 override of a method the base class no longer has would never be called: silently wrong."""

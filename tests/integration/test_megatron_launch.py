@@ -115,6 +115,15 @@ def test_dense_tp2_dp2_trains_with_muon_ds_through_pretrain(dense_muon_ds) -> No
     _assert_muon_ds_ran(dense_muon_ds, DENSE_MATRICES)
 
 
+def test_rank_0_prints_the_routing_once_before_the_first_step(dense_muon_ds) -> None:
+    """Totals per route, then the matrices on AdamW: here only the embedding (tied to
+    the output head), with rank 0's TP slice of it (vocabulary 256 over TP=2)."""
+    lines = [line for line in dense_muon_ds.stdout.splitlines() if "muon_ds routing:" in line]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("muon_ds routing: Muon "), lines
+    assert lines[1].endswith("(1): module.module.embedding.word_embeddings.weight [128, 64]")
+
+
 def test_moe_ep2_trains_with_muon_ds_through_pretrain() -> None:
     run = _launch(MOE="1", TP="1", EP="2")
     _assert_trains(run)
