@@ -123,6 +123,10 @@ def _shims() -> list[tuple[Any, str, Callable[[Any], Any]]]:
         #    torch.cuda.device_count() > 0": the CPU is that one device.
         (torch.cuda, "device_count", _constant(1)),
         (torch.cuda, "set_device", _constant(None)),
+        #    torch's own CUDA check must still say no: with PYTORCH_NVML_BASED_CUDA_CHECK=1
+        #    (which importing DeepSpeed sets, and children inherit) is_available() is
+        #    device_count() > 0, and torch.compile (Megatron's MoE router) then calls CUDA.
+        (torch.cuda, "is_available", _constant(False)),
         # 9. get_model() moves each model chunk to the current device: it is already there.
         (torch.nn.Module, "cuda", lambda original: lambda self, *a, **k: self),
         # 10. get_model() wraps DDP on a side stream.

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from muon_ds.megatron.run import EntryHooks, runner_parser
 from muon_ds.patches import PatchError, megatron_cpu
@@ -173,8 +174,20 @@ def test_every_megatron_patch_refuses_when_what_it_patches_is_gone(
     before = _snapshot()
     with pytest.raises(PatchError, match=rf"patches {named}, which this version does not have"):
         VERSIONED[patch]()
-    # megatron_cpu checks all 14 shims before replacing any: shim 1 is still torch's own.
+    # megatron_cpu checks all its shims before replacing any: shim 1 is still torch's own.
     assert _snapshot() == before
+
+
+def test_cpu_shims_keep_cuda_unavailable_under_torchs_nvml_based_check(restored) -> None:
+    """Importing DeepSpeed sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (children inherit it); then
+    is_available() is device_count() > 0, which the shims make 1 for Megatron. CUDA must
+    still read as unavailable, or torch.compile calls into CUDA on a CPU rank."""
+    restored.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    restored.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # install() sets it; undone after
+    restored.setattr(megatron_cpu, "_installed", False)
+    megatron_cpu.install()
+    assert torch.cuda.device_count() == 1
+    assert torch.cuda.is_available() is False
 
 
 def test_param_sync_refuses_a_ddp_without_bucket_group_param_sync() -> None:
