@@ -83,7 +83,7 @@ def _init_deepspeed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _now() -> float:
+def synchronized_now() -> float:
     """Wall time after the device has finished what was queued (a no-op wait on CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -115,21 +115,24 @@ def _count_deepspeed_muon(count: _NewtonSchulzCount) -> None:
     original_muon.muon_update = counted
 
 
-def _timed(owner: Any, method: str, seconds: list[float]) -> None:
-    """Add the wall time of every call of ``owner.method`` to ``seconds[0]``."""
+def time_calls(owner: Any, method: str, seconds: list[float]) -> None:
+    """Add the synchronised wall time of every call of ``owner.method`` to ``seconds[0]``.
+
+    ZeRO's ``get_flat_partition`` runs in backward; DeepSpeed's Muon does its whole update
+    there, so an optimizer time of ``engine.step()`` alone would miss it."""
     original: Callable[..., Any] = getattr(owner, method)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        start = _now()
+        start = synchronized_now()
         try:
             return original(*args, **kwargs)
         finally:
-            seconds[0] += _now() - start
+            seconds[0] += synchronized_now() - start
 
     setattr(owner, method, timed)
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of momenta and moments (scalar step counters left out)."""
     return sum(
         t.numel() * t.element_size()
@@ -195,7 +198,7 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
     if routed and sorted(routed) != sorted(expected):
         raise RuntimeError(f"{contender} routes {len(routed)} matrices to Muon, not {expected}")
     flatten_seconds = [0.0]
-    _timed(engine.optimizer, "get_flat_partition", flatten_seconds)
+    time_calls(engine.optimizer, "get_flat_partition", flatten_seconds)
 
     snapshots, ns_per_step, step_times, iteration_times = [], [], [], []
     loss = torch.zeros(())
@@ -204,12 +207,12 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
         counter.reset()
         before = _ns_totals(contender, engine, ns_count)
         flatten_seconds[0] = 0.0
-        start = _now()
+        start = synchronized_now()
         loss = engine(batch)
         engine.backward(loss)
-        backward_done = _now()
+        backward_done = synchronized_now()
         engine.step()
-        end = _now()
+        end = synchronized_now()
         after = _ns_totals(contender, engine, ns_count)
         if step >= options.warmup:
             snapshots.append(counter.snapshot())
@@ -259,7 +262,7 @@ def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunO
         "iteration_seconds": statistics.median(iteration_times),
         "optimizer_step_seconds_each": step_times,
         "iteration_seconds_each": iteration_times,
-        "state_bytes": _state_bytes(engine.basic_optimizer),
+        "state_bytes": state_bytes(engine.basic_optimizer),
         "momentum_staging_bytes": staging,
         "param_count": sum(p.numel() for p in engine.module.parameters()),
         "final_loss": final_loss.item() / world,

@@ -44,13 +44,11 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +57,14 @@ import torch
 import torch.distributed as dist
 
 from benchmarks import torch_models
-from benchmarks.gpu_check import PartResult, device_name, markdown_table, write_result
+from benchmarks.deepspeed_contenders import state_bytes, synchronized_now, time_calls
+from benchmarks.gpu_check import (
+    PartResult,
+    device_name,
+    free_port,
+    markdown_table,
+    write_result,
+)
 from benchmarks.shapes import ModelShape
 
 PART = "deepspeed_train"
@@ -165,13 +170,6 @@ def ds_config(shape: ModelShape, contender: str) -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now, for the world-of-one rendezvous."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def init_world_of_one(device: torch.device) -> None:
     """Join a one-rank world the way a launcher would have set it up, then start DeepSpeed.
 
@@ -211,45 +209,6 @@ def synthetic_batches(shape: ModelShape, steps: int, device: torch.device) -> li
     return batches
 
 
-def synchronized_clock(device: torch.device) -> Callable[[], float]:
-    """``perf_counter`` read after the device has finished everything queued before it."""
-
-    def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    return now
-
-
-def time_calls(owner: Any, method: str, clock: Callable[[], float], total: list[float]) -> None:
-    """Add the synchronised wall time of every ``owner.method`` call to ``total[0]``.
-
-    ZeRO's ``get_flat_partition`` runs in backward; DeepSpeed's Muon does its whole update
-    there, so an optimizer time of ``engine.step()`` alone would miss it.
-    """
-    original = getattr(owner, method)
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        start = clock()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            total[0] += clock() - start
-
-    setattr(owner, method, timed)
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of momenta and moments in the optimizer's state (scalar step counters left out)."""
-    return sum(
-        tensor.numel() * tensor.element_size()
-        for state in optimizer.state.values()
-        for tensor in state.values()
-        if torch.is_tensor(tensor) and tensor.numel() > 1
-    )
-
-
 def staging_bytes(zero_optimizer: Any) -> int:
     """DeepSpeed's Muon stages each step's momentum in a second flat copy before committing
     it; that copy lives on the ZeRO optimizer, not in the optimizer state."""
@@ -271,9 +230,8 @@ def train(contender: str, setup: Setup, device: torch.device, deadline: float) -
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config(setup.shape, contender)
     )
-    clock = synchronized_clock(device)
     flatten_seconds = [0.0]
-    time_calls(engine.optimizer, "get_flat_partition", clock, flatten_seconds)
+    time_calls(engine.optimizer, "get_flat_partition", flatten_seconds)
     batches = synthetic_batches(setup.shape, setup.steps, device)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
@@ -283,12 +241,12 @@ def train(contender: str, setup: Setup, device: torch.device, deadline: float) -
         if time.time() > deadline:
             break
         flatten_seconds[0] = 0.0
-        start = clock()
+        start = synchronized_now()
         loss = engine(batch)
         engine.backward(loss)
-        backward_done = clock()
+        backward_done = synchronized_now()
         engine.step()
-        end = clock()
+        end = synchronized_now()
         losses.append(loss.item())
         step_s.append(end - backward_done)
         flatten_s.append(flatten_seconds[0])

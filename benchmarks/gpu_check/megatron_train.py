@@ -34,7 +34,6 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.gpu_check import PartResult, device_name, markdown_table, write_result
+from benchmarks.gpu_check import PartResult, device_name, free_port, markdown_table, write_result
 from launch.tiny_gpt import stdlib_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,13 +202,6 @@ def data_flags() -> tuple[list[str], list[str]]:
     except RuntimeError as missing:
         return ["--mock-data"], [f"Megatron's mock data instead of the stdlib corpus: {missing}"]
     return [], []
-
-
-def free_port() -> int:
-    """A port for the run's rendezvous (runs follow one another; a port is not reused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(plan: Plan, model: Model, optimizer: Optimizer, shared: list[str]) -> list[str]:
