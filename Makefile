@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # DeepSpeed ZeRO-1 on $(RANKS) CPU ranks: muon_ds vs AdamW, curves and communication.
 demo: $(STAMP)
-	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train_deepspeed.py $(DEMO_ARGS)
+	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus $(RANKS) --module launch.train_deepspeed $(DEMO_ARGS)
 
 # Megatron's own pretrain() on 4 CPU ranks (TP=2 x DP=2, gloo), --optimizer muon (muon_ds).
 megatron-demo: $(STAMP)
@@ -28,7 +28,7 @@ megatron-demo: $(STAMP)
 
 # Single process: each optimizer at the best lr of a small sweep (how the demo's lrs were chosen).
 sweep: $(STAMP)
-	$(PY) launch/demo.py $(SWEEP_ARGS)
+	$(PY) -m launch.demo $(SWEEP_ARGS)
 
 # Offline wheels for the GPU check in $(WHEELS): muon_ds, DeepSpeed, Megatron-core and what
 # they need beyond a CUDA PyTorch image (Python 3.12, x86-64 manylinux; never torch/triton).

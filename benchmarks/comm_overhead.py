@@ -17,7 +17,7 @@ Counted quantities are exact; times depend on the machine and its load, so read 
 as ratios within one run. A contender that fails on a layout is reported as failed with
 its first error line (each rank's log is kept under ``<out>/logs``).
 
-    .venv/bin/python benchmarks/comm_overhead.py [--models dense moe] [--worlds 2 4]
+    .venv/bin/python -m benchmarks.comm_overhead [--models dense moe] [--worlds 2 4]
         [--contenders zero1_adamw ...] [--steps 5] [--warmup 2] [--out out/comm_overhead]
 
 The contenders live in ``deepspeed_contenders.py`` and ``megatron_contenders.py``; each
@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import platform
 import queue as queue_module
-import socket
 import statistics
 import sys
 import time
@@ -45,12 +44,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
-
 import torch
 
 from benchmarks.run_options import RunOptions
 from benchmarks.shapes import CPU_SHAPES, ModelShape, full_size
+from muon_ds.testing.ports import free_port
 
 CONTENDER_MODULES = ("benchmarks.deepspeed_contenders", "benchmarks.megatron_contenders")
 BASELINES = {"deepspeed": "zero1_adamw", "megatron": "megatron_adam"}
@@ -118,12 +116,6 @@ def plan_runs(
 # --- one run: a process per rank -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _rank_main(
     run: Run,
     rank: int,
@@ -175,7 +167,7 @@ def run_one(
     """Spawn the ranks, collect one record each; any failure makes the whole run failed."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     threads = max(1, (os.cpu_count() or 1) // run.world)
     options = dataclasses.replace(options, layout=run.layout)
     stem = f"{run.contender}_{run.shape.name}_{run.layout.replace('=', '').replace('x', '_')}"

@@ -35,10 +35,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks import collectives, torch_models
+from benchmarks import torch_models
 from benchmarks.run_options import RunOptions, tokens
 from benchmarks.shapes import ModelShape
 from muon_ds.math import newton_schulz_flops
+from muon_ds.testing import collectives
 
 NS_STEPS = 5
 ADAMW = {"betas": [0.9, 0.95], "eps": 1e-8}

@@ -1,4 +1,4 @@
-"""Megatron-core contenders of the communication benchmark (``benchmarks/comm_overhead.py``).
+"""Megatron-core contenders of the communication benchmark (``python -m benchmarks.comm_overhead``).
 
 Every contender trains the same ``GPTModel`` (local layer spec, CPU initialisation,
 RMSNorm, RoPE, SwiGLU, GQA; MoE with a shared expert, the first layer dense and the
@@ -44,11 +44,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks import collectives
 from benchmarks.run_options import RunOptions, tokens
 from benchmarks.shapes import ModelShape
 from muon_ds.math import newton_schulz_flops
 from muon_ds.patches import megatron_cpu
+from muon_ds.testing import collectives
 
 LAYOUTS: dict[tuple[str, int], list[str]] = {
     ("dense", 2): ["DP=2"],
@@ -113,7 +113,7 @@ def _check_megatron_collectives_counted() -> None:
 
     if not hasattr(param_and_grad_buffer.dist_reduce_scatter_func, "__wrapped__"):
         raise RuntimeError(
-            "Megatron was imported before benchmarks.collectives.install(): it binds "
+            "Megatron was imported before muon_ds.testing.collectives.install(): it binds "
             "reduce_scatter/all_gather at import, so their bytes would go uncounted"
         )
 

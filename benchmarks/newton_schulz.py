@@ -11,7 +11,7 @@ fewer FLOPs.
 The kernel and flash-muon need a CUDA GPU. On the CPU only the torch reference runs, at
 small sizes (``--quick``, the default there), and the report says so.
 
-    .venv/bin/python benchmarks/newton_schulz.py [--no-quick] [--out out/newton_schulz]
+    .venv/bin/python -m benchmarks.newton_schulz [--no-quick] [--out out/newton_schulz]
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ import importlib.metadata
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from muon_ds.math import newton_schulz, newton_schulz_flops
 

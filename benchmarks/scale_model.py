@@ -55,7 +55,7 @@ assumed to overlap (muon_ds does overlap buckets with NS: the model is conservat
 it). The share is optimizer / (compute + optimizer). Megatron's padding is reported but
 not charged (it inflates the framework's gradient and parameter collectives and memory).
 
-    .venv/bin/python benchmarks/scale_model.py [--out out/scale_model] [--help for rates]
+    .venv/bin/python -m benchmarks.scale_model [--out out/scale_model] [--help for rates]
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -72,10 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
-
-from shapes import DENSE, MOE, ModelShape, full_size
-
+from benchmarks.shapes import DENSE, MOE, ModelShape, full_size
 from muon_ds.config import MuonConfig
 from muon_ds.device import choose_ns_dtype
 from muon_ds.layout import NOT_SPLIT, RowBlock, ShardView, TensorParallel, gated_blocks, qkv_blocks

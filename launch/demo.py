@@ -34,20 +34,12 @@ from queue import Empty, Queue
 
 import matplotlib
 import torch
-from tiny_gpt import (
-    EvalPoint,
-    GPTConfig,
-    OptimizerFactory,
-    TrainConfig,
-    decay_groups,
-    init_model,
-    stdlib_corpus,
-    train,
-    val_batch,
-)
 from tqdm import tqdm
 
 import muon_ds
+from muon_ds.testing.corpus import stdlib_corpus, val_batch
+from muon_ds.testing.tiny_gpt import GPTConfig, init_model
+from muon_ds.testing.training import EvalPoint, OptimizerFactory, TrainConfig, decay_groups, train
 
 matplotlib.use("Agg")  # headless: the demo only writes a PNG
 import matplotlib.pyplot as plt

@@ -2,7 +2,7 @@
 
 Run through the DeepSpeed launcher (``make demo`` does this on 2 CPU ranks):
 
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/train_deepspeed.py
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module launch.train_deepspeed
 
 Both optimizers train the same tiny GPT on Python's own standard-library sources, with the
 same data, lr schedule and steps; rank 0 prints the loss curves side by side, the
@@ -25,18 +25,11 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
-from tiny_gpt import (  # the launcher puts this script's folder on sys.path
-    GPTConfig,
-    evaluate,
-    init_model,
-    lm_loss,
-    lr_factor,
-    stdlib_corpus,
-    train_batch,
-    val_batch,
-)
 
 import muon_ds.deepspeed  # noqa: F401  (registers "type": "MuonDS")
+from muon_ds.testing.corpus import stdlib_corpus, train_batch, val_batch
+from muon_ds.testing.tiny_gpt import GPTConfig, init_model, lm_loss
+from muon_ds.testing.training import evaluate, lr_factor
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=HERE / "configs" / "zero1_cpu_fp32.json")
     parser.add_argument("--steps", type=int, default=150)
-    # Defaults: each optimizer's best peak lr in `make sweep` (launch/demo.py) on this model.
+    # Defaults: each optimizer's best peak lr in `make sweep` (python -m launch.demo) on this model.
     parser.add_argument("--muon-lr", type=float, default=0.024, help="peak lr of MuonDS")
     parser.add_argument("--adamw-lr", type=float, default=0.0015, help="peak lr of AdamW")
     parser.add_argument("--eval-every", type=int, default=15)

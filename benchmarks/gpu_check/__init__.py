@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import platform
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,13 +50,6 @@ def write_result(out: Path, result: PartResult) -> Path:
     path = out / f"{result.part}.json"
     path.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
     return path
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, for a part's rendezvous."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

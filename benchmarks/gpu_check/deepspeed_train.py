@@ -61,11 +61,11 @@ from benchmarks.deepspeed_contenders import state_bytes, synchronized_now, time_
 from benchmarks.gpu_check import (
     PartResult,
     device_name,
-    free_port,
     markdown_table,
     write_result,
 )
 from benchmarks.shapes import ModelShape
+from muon_ds.testing.ports import free_port
 
 PART = "deepspeed_train"
 LR = 1e-3

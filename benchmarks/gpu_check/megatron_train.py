@@ -44,8 +44,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.gpu_check import PartResult, device_name, free_port, markdown_table, write_result
-from launch.tiny_gpt import stdlib_corpus
+from benchmarks.gpu_check import PartResult, device_name, markdown_table, write_result
+from muon_ds.testing.corpus import stdlib_corpus
+from muon_ds.testing.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PART = "megatron_train"

@@ -9,7 +9,7 @@ The shape of Megatron-LM's ``pretrain_gpt.py`` (``model_provider``, a datasets p
   optimizer. ``--muon-impl megatron`` leaves Megatron's own Muon in place. (An entry
   script without these lines gets the same through ``python -m muon_ds.megatron.run``.)
 - The data is embedded: byte-level windows of Python's standard-library sources
-  (``launch/tiny_gpt.py``'s corpus, vocabulary 256, held-out files for validation), so
+  (``muon_ds.testing.corpus``, vocabulary 256, held-out files for validation), so
   nothing is downloaded and no tokenizer is needed (``--tokenizer-type NullTokenizer``);
   ``--mock-data`` takes Megatron's own MockGPTDataset instead.
 - ``--cpu`` (with ``--distributed-backend gloo``) installs ``muon_ds.patches.megatron_cpu``
@@ -37,10 +37,11 @@ from megatron.training import get_args, pretrain, print_rank_0
 from megatron.training.argument_utils import pretrain_cfg_container_from_args
 from megatron.training.arguments import core_transformer_config_from_args, parse_and_validate_args
 
-from launch.tiny_gpt import VOCAB_SIZE, stdlib_corpus
 from muon_ds.megatron.arguments import add_muon_ds_args, use_muon_ds_from_args
 from muon_ds.megatron.optimizer import report_muon_ds_work
 from muon_ds.patches.megatron import use_prebuilt_dataset_helpers
+from muon_ds.testing.corpus import stdlib_corpus
+from muon_ds.testing.tiny_gpt import VOCAB_SIZE
 
 
 def add_cpu_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

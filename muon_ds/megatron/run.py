@@ -89,14 +89,24 @@ class EntryHooks:
 
 def run_script(script: Path, script_args: Sequence[str]) -> None:
     """Run ``script`` as ``python script script_args...`` would: as ``__main__``, with
-    ``sys.argv`` its own and its directory first on ``sys.path`` (Megatron-LM's
-    ``pretrain_gpt.py`` imports ``gpt_builders`` and ``model_provider`` from beside it).
-    ``runpy.run_path`` sets neither for a file, so the runner does what the interpreter does.
+    ``sys.argv`` its own.
+
+    ``python script.py`` also puts the script's directory first on the import path
+    (Megatron-LM's ``pretrain_gpt.py`` imports ``gpt_builders`` and ``model_provider`` from
+    beside it); ``python -m`` puts the current directory there instead. So the script must
+    lie in the current directory, as Megatron-LM's launch scripts run it (from the checkout's
+    root); anywhere else its sibling imports would fail or find other modules.
     """
     if not script.is_file():
         raise FileNotFoundError(f"muon_ds.megatron.run: no entry script {script}")
+    if script.resolve().parent != Path.cwd().resolve():
+        raise ValueError(
+            f"muon_ds.megatron.run: the entry script {script} must lie in the current "
+            f"directory ({Path.cwd()}): python -m imports from there, where python "
+            f"{script.name} would import from the script's own directory. Run it from "
+            f"{script.resolve().parent}"
+        )
     sys.argv = [str(script), *script_args]
-    sys.path.insert(0, str(script.resolve().parent))
     runpy.run_path(str(script), run_name="__main__")
 
 

@@ -12,13 +12,12 @@ import torch.distributed as dist
 
 from tests.dist.zero1 import run_ranks
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 pytestmark = pytest.mark.dist
 
 
 def _count_each_op(rank: int, world: int) -> dict[str, Any]:
-    import collectives
+    from muon_ds.testing import collectives
 
     counter = collectives.install()
     assert collectives.install() is counter  # wrapping twice would count twice

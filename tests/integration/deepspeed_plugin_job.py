@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from typing import Any
 
 import torch
 
+from muon_ds.testing.ports import free_port
 from tests.integration.deepspeed_harness import TinyLM, batch, ds_config
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> dict[str, Any]:
@@ -33,7 +27,7 @@ def main() -> dict[str, Any]:
         WORLD_SIZE="1",
         LOCAL_WORLD_SIZE="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
     )
     import deepspeed
 

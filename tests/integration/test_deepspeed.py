@@ -14,7 +14,6 @@ import os
 import re
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -728,8 +727,7 @@ Muon must still all-reduce every matrix that straddles a partition."""
 
 def _bytes_versus_deepspeed_muon(rank: int, world: int) -> dict[str, Any]:
     """Wire bytes of one step (after a first) per op: AdamW, DeepSpeed's Muon, muon_ds."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import collectives
+    from muon_ds.testing import collectives
 
     counter = collectives.install()  # before DeepSpeed caches its collective functions
     use_gloo_only(rank, world)
@@ -853,7 +851,6 @@ def test_checkpoint_saved_at_dp4_resumes_at_dp2_with_the_same_momentum() -> None
     """Resume at DP=2 equals the uninterrupted DP=4 run: momentum (and Adam moments) carried;
     the universal checkpoint keeps the routing record, so another routing is refused."""
     import subprocess
-    import sys
 
     with tempfile.TemporaryDirectory() as directory:
         run_ranks(4, _reshard_save, directory, timeout=900)

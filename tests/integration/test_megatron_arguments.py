@@ -193,7 +193,7 @@ def test_gpu_launcher_flags_pass_megatron_and_muon_ds_validation_on_8_gpus(
     from megatron.training import arguments
 
     from launch.megatron.pretrain_gpt import add_launch_args
-    from launch.tiny_gpt import VOCAB_SIZE
+    from muon_ds.testing.tiny_gpt import VOCAB_SIZE
 
     flags, connections = _gpu_launch_flags(tmp_path, **env)
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *flags])

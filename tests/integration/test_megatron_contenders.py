@@ -52,7 +52,7 @@ CONTENDERS = (
 
 
 def _run_all(rank: int, world: int) -> dict[str, dict[str, Any]]:
-    from benchmarks import collectives
+    from muon_ds.testing import collectives
 
     collectives.install()  # before Megatron is imported, as the driver does
     from benchmarks.megatron_contenders import CONTENDERS as RUNS

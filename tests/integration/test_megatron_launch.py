@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 
 from muon_ds import MuonConfig
 from muon_ds.device import describe_ns_dtype
+from muon_ds.testing.ports import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -47,18 +47,12 @@ _VALIDATION = re.compile(
 _NS = re.compile(r"muon_ds: rank (\d+): Newton-Schulz on (\d+) matrices")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(*flags: str, **env: str) -> subprocess.CompletedProcess:
     environment = {
         **os.environ,
         "RANKS": str(RANKS),
         "STEPS": str(STEPS),
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "PYTHON": sys.executable,
         **env,
     }

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from muon_ds import MuonConfig
-from tests.integration.test_megatron_launch import _ITERATION, _NS, DENSE_MATRICES, _free_port
+from muon_ds.megatron.run import run_script
+from muon_ds.testing.ports import free_port
+from tests.integration.test_megatron_launch import _ITERATION, _NS, DENSE_MATRICES
 
 pytestmark = pytest.mark.dist
 
@@ -66,11 +68,11 @@ def test_runner_trains_an_unmodified_entry_script_with_muon_ds_at_tp2_dp2() -> N
     run = subprocess.run(
         [
             *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(RANKS)),
-            *("--master-port", str(_free_port()), "-m", "muon_ds.megatron.run", "--cpu"),
-            *(str(SCRIPT), *FLAGS),
+            *("--master-port", str(free_port()), "-m", "muon_ds.megatron.run", "--cpu"),
+            *(SCRIPT.name, *FLAGS),
         ],
         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-        cwd=ROOT,
+        cwd=SCRIPT.parent,
         capture_output=True,
         text=True,
         timeout=400,
@@ -85,3 +87,17 @@ def test_runner_trains_an_unmodified_entry_script_with_muon_ds_at_tp2_dp2() -> N
     assert sorted(losses) == list(range(1, STEPS + 1)), losses
     assert all(math.isfinite(loss) for loss in losses.values()), losses
     assert sum(losses[step] for step in range(STEPS - 2, STEPS + 1)) / 3 < 0.75 * losses[1]
+
+
+def test_runner_refuses_an_entry_script_outside_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "pretrain_gpt.py"
+    script.write_text("raise SystemExit('the script must not run')\n")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # run_script sets the script's
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="must lie in the current directory"):
+        run_script(script, [])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="the script must not run"):
+        run_script(Path(script.name), [])

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
+from benchmarks import scale_model as sm
+from benchmarks.shapes import ModelShape
 from muon_ds.config import MuonConfig
 from muon_ds.math import newton_schulz_flops
 from muon_ds.plan import build_plan
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import scale_model as sm
-from shapes import ModelShape
 
 TINY_DENSE = sm.Model(
     "tiny-dense",

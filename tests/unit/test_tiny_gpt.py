@@ -10,20 +10,9 @@ import pytest
 import torch
 
 import muon_ds
-from launch.tiny_gpt import (
-    VOCAB_SIZE,
-    Corpus,
-    GPTConfig,
-    TrainConfig,
-    decay_groups,
-    init_model,
-    lm_loss,
-    lr_factor,
-    stdlib_corpus,
-    train,
-    train_batch,
-    val_batch,
-)
+from muon_ds.testing.corpus import Corpus, stdlib_corpus, train_batch, val_batch
+from muon_ds.testing.tiny_gpt import VOCAB_SIZE, GPTConfig, init_model, lm_loss
+from muon_ds.testing.training import TrainConfig, decay_groups, lr_factor, train
 
 SMALL = GPTConfig(context=32, d_model=32, n_layers=2, n_heads=2)
 
