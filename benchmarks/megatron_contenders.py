@@ -274,7 +274,7 @@ def _megatron_muon_matrices(optimizer: Any, ddp: Any) -> int:
     """Distinct matrices Megatron's Muon orthogonalises (Q, K, V apart when it splits QKV)."""
     from megatron.core.optimizer.layer_wise_optimizer import is_managed_by_layer_wise_optimizer
 
-    from muon_ds.megatron.optimizer import model_layout
+    from muon_ds.megatron.factory import model_layout
     from muon_ds.megatron.views import global_name
 
     layout = model_layout([ddp], "qkv")  # only its EP coordinates name the experts

@@ -8,7 +8,7 @@ and computes per step, then turns the counts into time with stated H100-like rat
   shards. Each logical matrix has one owner; straddling slices travel to it in bf16 and
   the update travels back; Newton-Schulz runs once per matrix. Owners balance each rank's
   total Newton-Schulz FLOPs over all its groups, as muon_ds's Megatron adapter plans them:
-  one per-rank ledger (muon_ds's ``ns_load``), the dense optimizer's groups ("dense", then
+  one per-rank ledger (``muon_ds.plan.NsLedger``), the dense optimizer's groups ("dense", then
   "dense_tp") before the expert optimizer's, each group's copies in ascending global
   ranks, each plan given its ranks' FLOPs so far as ``prior_flops``. Bytes and FLOPs are
   the plans' own (``Plan.matrices`` pieces and owners, ``bytes_sent``).
@@ -75,7 +75,8 @@ from benchmarks.shapes import DENSE, MOE, ModelShape, full_size
 from muon_ds.config import MuonConfig
 from muon_ds.device import choose_ns_dtype
 from muon_ds.layout import NOT_SPLIT, RowBlock, ShardView, TensorParallel, gated_blocks, qkv_blocks
-from muon_ds.plan import Plan, build_plan
+from muon_ds.plan import NsLedger, Plan, plan_groups
+from muon_ds.testing.zero1 import even_split
 
 MUON_BYTES_PER_ELEMENT = 24
 """fp32 grad read, fp32 momentum read + write, bf16 direction write, bf16 update read,
@@ -295,29 +296,24 @@ def local_param(spec: ParamSpec, model: Model, tp: int, tp_rank: int) -> LocalPa
 
 def zero1_views(params: Sequence[LocalParam], ranks: int) -> list[list[ShardView]]:
     """ZeRO-1: the params concatenated into one flat buffer, split evenly over ``ranks``."""
-    total = sum(p.matrix_shape[0] * p.matrix_shape[1] for p in params)
-    per_rank = -(-total // ranks)
-    views: list[list[ShardView]] = [[] for _ in range(ranks)]
-    position = 0
-    for p in params:
-        numel = p.matrix_shape[0] * p.matrix_shape[1]
-        for d in range(position // per_rank, min(ranks, -(-(position + numel) // per_rank))):
-            lo, hi = max(d * per_rank, position), min((d + 1) * per_rank, position + numel)
-            views[d].append(
-                ShardView(
-                    p.name,
-                    p.matrix_shape,
-                    lo - position,
-                    hi - position,
-                    0,
-                    lo - d * per_rank,
-                    tp=p.tp,
-                    blocks=p.blocks,
-                    group=p.group,
-                )
+    numels = [p.matrix_shape[0] * p.matrix_shape[1] for p in params]
+    return [
+        [
+            ShardView(
+                params[s.param].name,
+                params[s.param].matrix_shape,
+                s.start,
+                s.end,
+                0,
+                s.offset,
+                tp=params[s.param].tp,
+                blocks=params[s.param].blocks,
+                group=params[s.param].group,
             )
-        position += numel
-    return views
+            for s in rank
+        ]
+        for rank in even_split(numels, ranks)
+    ]
 
 
 @dataclass(frozen=True)
@@ -383,40 +379,26 @@ def build_groups(model: Model, layout: Layout) -> list[Group]:
 def plan_muon_ds(
     groups: Sequence[Group], config: MuonConfig, wire_bytes: int
 ) -> tuple[dict[str, list[Plan]], list[int]]:
-    """Every copy of every group planned as muon_ds's Megatron adapter plans it.
+    """Every copy of every group planned by production's own ``plan_groups``.
 
-    One ``ns_load`` ledger per model: the dense optimizer's core plans "dense" then
-    "dense_tp", then the expert optimizer's core plans "expert" (sorted names give this
-    order), each group's copies in sorted order of their global ranks, and each plan
-    balances against the Newton-Schulz FLOPs its ranks already own (``prior_flops``).
-    Returns each group's plans in ``replicas`` order and the ledger (FLOPs per global rank).
+    One ledger per model, as muon_ds's Megatron adapter keeps: the dense optimizer's core
+    plans "dense" then "dense_tp", the expert optimizer's core "expert" (sorted names give
+    this order), each group's copies in sorted order of their global ranks, each plan
+    balanced against the Newton-Schulz FLOPs its ranks already own. Returns each group's
+    plans in ``replicas`` order and the ledger (FLOPs per global rank).
     """
     world = 1 + max(r for g in groups for ranks in g.replicas for r in ranks)
-    ledger = [0] * world
-    plans: dict[str, list[Plan]] = {}
-    for group in sorted(groups, key=lambda g: g.name):
-        by_copy: dict[int, Plan] = {}
-        planned: dict[tuple[int, tuple[int, ...]], Plan] = {}
-        for k in sorted(range(len(group.replicas)), key=lambda k: group.replicas[k]):
-            views, ranks = group.views[k], group.replicas[k]
-            prior = tuple(ledger[r] for r in ranks)
-            # Same views and same priors plan alike; only the "dense" copies, planned first
-            # on an empty ledger, ever meet this.
-            key = (id(views), prior)
-            if key not in planned:
-                planned[key] = build_plan(
-                    views,
-                    ns_steps=config.ns_steps,
-                    imbalance_limit=config.owner_imbalance_limit,
-                    bucket_bytes=int(config.exchange_bucket_mb * 2**20),
-                    wire_bytes=wire_bytes,
-                    prior_flops=prior,
-                )
-            plan = by_copy[k] = planned[key]
-            for i, r in enumerate(ranks):
-                ledger[r] += plan.ns_flops(i)
-        plans[group.name] = [by_copy[k] for k in range(len(group.replicas))]
-    return plans, ledger
+    ledger = NsLedger()
+    planned = plan_groups(
+        {g.name: dict(zip(g.replicas, g.views, strict=True)) for g in groups},
+        ledger,
+        ns_steps=config.ns_steps,
+        imbalance_limit=config.owner_imbalance_limit,
+        bucket_bytes=int(config.exchange_bucket_mb * 2**20),
+        wire_bytes=wire_bytes,
+    )
+    plans = {g.name: [planned[g.name, ranks] for ranks in g.replicas] for g in groups}
+    return plans, ledger.of(range(world))
 
 
 # -- what each scheme moves and computes, per group rank --------------------------------------

@@ -7,7 +7,8 @@ Output: a ``Plan`` that every rank computes identically from the same input:
 * owners are the rank holding most of the matrix (fewest bytes), unless that would push
   the rank's Newton-Schulz FLOPs past ``imbalance_limit`` x the mean, in which case the
   matrix goes where it fits (greedy longest-processing-time over FLOPs). A rank's FLOPs
-  include what it already owns in other groups' plans (``prior_flops``): an MoE rank owns
+  include what it already owns in other groups' plans (``prior_flops``; ``plan_groups``
+  keeps that count in an ``NsLedger`` over every group of a model): an MoE rank owns
   dense matrices and experts, and only their sum is its Newton-Schulz time;
 * a matrix whose owner holds all of it moves nothing (``Plan.local``); the others are
   packed, largest first, into buckets of at most ``bucket_bytes`` on the wire, so the next
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from muon_ds.layout import ShardView
@@ -192,6 +193,65 @@ def build_plan(
         buckets[-1].append(i)
         filled += moved
     return Plan(world, matrices, local, tuple(map(tuple, buckets)))
+
+
+@dataclass
+class NsLedger:
+    """Newton-Schulz FLOPs per step each global rank owns, over every plan made so far.
+
+    One ledger serves every plan of one model (DeepSpeed's param groups, Megatron's dense
+    and expert optimizers, each exchange group), so owners balance each rank's total, the
+    time its Newton-Schulz takes, not each group's share alone.
+    """
+
+    flops: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Global rank -> Newton-Schulz FLOPs it owns (absent: none)."""
+
+    def of(self, ranks: Sequence[int]) -> list[int]:
+        return [self.flops.get(r, 0) for r in ranks]
+
+    def charge(self, ranks: Sequence[int], plan: Plan) -> None:
+        """Add what ``plan`` (over group ranks ``ranks``, in group order) has each own."""
+        for group_rank, global_rank in enumerate(ranks):
+            self.flops[global_rank] = self.flops.get(global_rank, 0) + plan.ns_flops(group_rank)
+
+
+GroupViews = Mapping[str, Mapping[tuple[int, ...], Sequence[Sequence[ShardView]]]]
+"""Exchange-group name -> member global ranks (group order) -> each member's views."""
+
+
+def plan_groups(
+    views: GroupViews,
+    ledger: NsLedger,
+    *,
+    ns_steps: int,
+    imbalance_limit: float,
+    bucket_bytes: int,
+    wire_bytes: int,
+) -> dict[tuple[str, tuple[int, ...]], Plan]:
+    """Plan every exchange group of a model, balancing against ``ledger`` and charging it.
+
+    One name may hold several groups (the expert-DP group of each EP rank); each is
+    planned alone. The order is fixed (names, then member tuples, sorted), so every rank
+    that plans the same input charges the ledger identically and picks the same owners.
+    """
+    plans = {}
+    for name in sorted(views):
+        for ranks in sorted(views[name]):
+            try:
+                plan = build_plan(
+                    views[name][ranks],
+                    ns_steps=ns_steps,
+                    imbalance_limit=imbalance_limit,
+                    bucket_bytes=bucket_bytes,
+                    wire_bytes=wire_bytes,
+                    prior_flops=ledger.of(ranks),
+                )
+            except PlanError as error:
+                raise PlanError(f"group {name!r} (ranks {list(ranks)}): {error}") from None
+            ledger.charge(ranks, plan)
+            plans[name, ranks] = plan
+    return plans
 
 
 def _logical_matrices(

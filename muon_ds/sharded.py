@@ -25,13 +25,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from muon_ds.agreement import check_agreement, local_problem
 from muon_ds.comm import CommCounter, Exchange, LocalRun, Slot
 from muon_ds.config import MuonConfig
 from muon_ds.device import resolve_ns_dtype
 from muon_ds.kernels import orthogonalize
 from muon_ds.layout import ShardView
 from muon_ds.math import adamw_state, adamw_step, all_finite, muon_direction, update_scale
-from muon_ds.plan import MatrixPlan, Plan, PlanError, build_plan
+from muon_ds.plan import MatrixPlan, NsLedger, Plan, plan_groups
 
 logger = logging.getLogger("muon_ds")
 
@@ -52,11 +53,10 @@ class ShardedMuonCore:
     framework that already skips steps with a non-finite gradient on every rank before
     calling the optimizer (DeepSpeed's overflow check, the Megatron adapter's found-inf)
     sets ``framework_skips_nonfinite``, which drops our own per-step all-reduce vote.
-    ``ns_load`` maps global ranks to the Newton-Schulz FLOPs they already own: every
-    group's owners are balanced against it and added to it, so cores built one after
-    another over one model (DeepSpeed's param groups, Megatron's dense and expert
-    optimizers) that share one mapping balance each rank's total, not each group alone.
-    Every rank plans every group, so the mapping stays identical across ranks.
+    ``ledger`` (``muon_ds.plan.NsLedger``) holds the Newton-Schulz FLOPs each rank already
+    owns: cores built one after another over one model (DeepSpeed's param groups,
+    Megatron's dense and expert optimizers) share one, so owners balance each rank's
+    total. Every rank plans every group, so the ledger stays identical across ranks.
     """
 
     def __init__(
@@ -68,7 +68,7 @@ class ShardedMuonCore:
         process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
         momentum_key: str = MOMENTUM,
         framework_skips_nonfinite: bool = False,
-        ns_load: MutableMapping[int, int] | None = None,
+        ledger: NsLedger | None = None,
     ) -> None:
         self.buffers = list(buffers)
         self.momentum_key = momentum_key
@@ -82,55 +82,18 @@ class ShardedMuonCore:
         device = self.buffers[0].device if self.buffers else torch.device("cpu")
         self.ns_dtype = resolve_ns_dtype(config.ns_dtype, device)
         groups = dict(process_groups or {"dense": None})
-        problem = self._local_problem(groups)
+        problem = local_problem(self.buffers, self.algorithms, self.views, groups)
         self.plans, self._exchanges = self._agree_and_plan(
-            groups, problem, {} if ns_load is None else ns_load
+            groups, problem, NsLedger() if ledger is None else ledger
         )
 
     # -- construction ---------------------------------------------------------------
-
-    def _local_problem(self, groups: Mapping[str, Any]) -> str | None:
-        """A description of what is wrong with this rank's own input, or None."""
-        for algorithm in self.algorithms:
-            if algorithm not in ("muon", "adamw"):
-                return f"a buffer has algorithm={algorithm!r}; allowed: muon, adamw"
-        devices = sorted({str(b.device) for b in self.buffers})
-        if len(devices) > 1:
-            return f"buffers lie on several devices {devices}; keep them on one"
-        for view in self.views:
-            if not 0 <= view.buffer < len(self.buffers):
-                return (
-                    f"view {view.name!r} names buffer {view.buffer}; there are {len(self.buffers)}"
-                )
-            buffer = self.buffers[view.buffer]
-            algorithm = self.algorithms[view.buffer]
-            if algorithm != view.route:
-                return (
-                    f"view {view.name!r} is routed to {view.route} but lies in buffer "
-                    f"{view.buffer} of a {algorithm} group; keep each buffer to one algorithm"
-                )
-            rows, cols = view.matrix_shape
-            if not (0 <= view.start <= view.end <= rows * cols):
-                return (
-                    f"view {view.name!r}: range [{view.start}, {view.end}) does not fit its "
-                    f"matrix_shape {view.matrix_shape} ({rows * cols} elements)"
-                )
-            if view.offset < 0 or view.offset + view.numel > buffer.numel():
-                return (
-                    f"view {view.name!r}: elements [{view.offset}, {view.offset + view.numel}) "
-                    f"do not fit buffer {view.buffer} of {buffer.numel()} elements"
-                )
-            if view.group not in groups:
-                return f"view {view.name!r} names group {view.group!r}; given: {sorted(groups)}"
-            if buffer.dtype != torch.float32:
-                return f"buffer {view.buffer} is {buffer.dtype}; ZeRO-1 master shards are fp32"
-        return None
 
     def _agree_and_plan(
         self,
         groups: Mapping[str, dist.ProcessGroup | None],
         problem: str | None,
-        ns_load: MutableMapping[int, int],
+        ledger: NsLedger,
     ) -> tuple[dict[str, Plan], list[Exchange]]:
         """Gather every rank's metadata, check agreement, build every group's plan.
 
@@ -154,46 +117,45 @@ class ShardedMuonCore:
             dist.all_gather_object(everyone, mine)
         else:
             everyone[0] = mine
-        _check_agreement(everyone)
+        check_agreement(everyone)
 
-        ns_dtype = self.ns_dtype
+        views = {
+            key: {
+                ranks: [[v for v in everyone[r]["views"] if v.group == key] for r in ranks]
+                for ranks in {m["members"][key] for m in everyone}
+            }
+            for key in groups
+        }
+        every_plan = plan_groups(
+            views,
+            ledger,
+            ns_steps=self.config.ns_steps,
+            imbalance_limit=self.config.owner_imbalance_limit,
+            bucket_bytes=int(self.config.exchange_bucket_mb * 2**20),
+            wire_bytes=self.ns_dtype.itemsize,
+        )
         plans: dict[str, Plan] = {}
         exchanges = []
-        for key in sorted(groups):
-            for ranks in sorted({m["members"][key] for m in everyone}):
-                views_by_rank = [[v for v in everyone[r]["views"] if v.group == key] for r in ranks]
-                try:
-                    plan = build_plan(
-                        views_by_rank,
-                        ns_steps=self.config.ns_steps,
-                        imbalance_limit=self.config.owner_imbalance_limit,
-                        bucket_bytes=int(self.config.exchange_bucket_mb * 2**20),
-                        wire_bytes=ns_dtype.itemsize,
-                        prior_flops=[ns_load.get(r, 0) for r in ranks],
-                    )
-                except PlanError as error:
-                    raise PlanError(f"group {key!r} (ranks {list(ranks)}): {error}") from None
-                for group_rank, global_rank in enumerate(ranks):
-                    ns_load[global_rank] = ns_load.get(global_rank, 0) + plan.ns_flops(group_rank)
-                if rank not in ranks:
-                    continue
-                plans[key] = plan
-                locate = {
-                    (v.name, v.tp.rank): LocalRun(v.buffer, v.offset, v.start)
-                    for v in self.views
-                    if v.group == key and v.route == "muon"
-                }
-                exchanges.append(
-                    Exchange(
-                        plan,
-                        rank=ranks.index(rank),
-                        group=groups[key],
-                        group_name=key,
-                        locate=locate,
-                        wire_dtype=ns_dtype,
-                        counter=self.counter,
-                    )
+        for (key, ranks), plan in every_plan.items():
+            if rank not in ranks:
+                continue
+            plans[key] = plan
+            locate = {
+                (v.name, v.tp.rank): LocalRun(v.buffer, v.offset, v.start)
+                for v in self.views
+                if v.group == key and v.route == "muon"
+            }
+            exchanges.append(
+                Exchange(
+                    plan,
+                    rank=ranks.index(rank),
+                    group=groups[key],
+                    group_name=key,
+                    locate=locate,
+                    wire_dtype=self.ns_dtype,
+                    counter=self.counter,
                 )
+            )
         return plans, exchanges
 
     def planned_bytes(self) -> dict[str, int]:
@@ -290,7 +252,7 @@ class ShardedMuon(torch.optim.Optimizer):
 
     ``param_groups``: torch-style groups of flat shard buffers, each with
     ``"algorithm"`` set; a buffer is referenced by its position across all groups.
-    ``views``, ``process_groups`` and ``ns_load``: as for ``ShardedMuonCore``. ``lr`` and
+    ``views``, ``process_groups`` and ``ledger``: as for ``ShardedMuonCore``. ``lr`` and
     ``weight_decay`` are read from the groups at every step, so LR schedulers work.
     Non-finite gradients skip the step on every rank, as in ``muon_ds.Muon``.
     """
@@ -302,7 +264,7 @@ class ShardedMuon(torch.optim.Optimizer):
         config: MuonConfig,
         process_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
         framework_skips_nonfinite: bool = False,
-        ns_load: MutableMapping[int, int] | None = None,
+        ledger: NsLedger | None = None,
     ) -> None:
         self.config = config
         self.skipped_steps = 0
@@ -316,7 +278,7 @@ class ShardedMuon(torch.optim.Optimizer):
             config,
             process_groups,
             framework_skips_nonfinite=framework_skips_nonfinite,
-            ns_load=ns_load,
+            ledger=ledger,
         )
 
     @property
@@ -351,41 +313,3 @@ class ShardedMuon(torch.optim.Optimizer):
             for k, t in state.items()
             if k != "step"
         )
-
-
-def _check_agreement(everyone: list[dict[str, Any]]) -> None:
-    """Raise the same error on every rank if any rank's input disagrees or is invalid."""
-    for rank, mine in enumerate(everyone):
-        if mine["problem"]:
-            raise ValueError(f"muon_ds: rank {rank}: {mine['problem']}")
-    reference = everyone[0]["config"]
-    for rank, mine in enumerate(everyone):
-        for key, value in mine["config"].items():
-            if value != reference[key]:
-                raise ValueError(
-                    f"muon_ds: MuonConfig differs across ranks: {key}={reference[key]!r} on "
-                    f"rank 0 but {value!r} on rank {rank}; every rank must use the same config"
-                )
-        if mine["ns_dtype"] != everyone[0]["ns_dtype"]:
-            raise ValueError(
-                f"muon_ds: ns_dtype={mine['config']['ns_dtype']!r} resolves to "
-                f"{everyone[0]['ns_dtype']} on rank 0 but {mine['ns_dtype']} on rank {rank} "
-                "(their devices differ in bf16 support); set ns_dtype to 'bfloat16' or "
-                "'float32' so that every rank runs and sends the same dtype"
-            )
-        if mine["members"].keys() != everyone[0]["members"].keys():
-            raise ValueError(
-                f"muon_ds: rank {rank} names groups {sorted(mine['members'])}, rank 0 "
-                f"{sorted(everyone[0]['members'])}; every rank must name the same groups"
-            )
-    for rank, mine in enumerate(everyone):
-        for key, ranks in mine["members"].items():
-            if rank not in ranks:
-                raise ValueError(f"muon_ds: rank {rank}'s group {key!r} {list(ranks)} lacks it")
-            for peer in ranks:
-                if everyone[peer]["members"][key] != ranks:
-                    raise ValueError(
-                        f"muon_ds: group {key!r} disagrees across ranks: rank {rank} has "
-                        f"{list(ranks)}, its member rank {peer} has "
-                        f"{list(everyone[peer]['members'][key])}"
-                    )

@@ -34,6 +34,7 @@ from muon_ds.device import describe_ns_dtype
 from muon_ds.layout import GROUP_KEYS, ShardView, group_key, split_group_settings, tag_embeddings
 from muon_ds.math import matrix_shape
 from muon_ds.patches import deepspeed as patches
+from muon_ds.plan import NsLedger
 from muon_ds.routing import RoutedTensor, RoutingReport, print_on_rank0, routing_mismatch
 from muon_ds.sharded import ShardedMuonCore
 
@@ -83,7 +84,7 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
         self._groups = list(self.param_groups)
         self._cores: dict[int, ShardedMuonCore] = {}
         # Newton-Schulz FLOPs per global rank over every group's core built so far.
-        self._ns_load: dict[int, int] = {}
+        self._ledger = NsLedger()
         self._reported = False
 
     def attach(self, engine: Any) -> None:
@@ -242,7 +243,7 @@ class DeepSpeedZeroOrtho(torch.optim.Optimizer):
             momentum_key=MOMENTUM_KEY,
             # ZeRO's step returns before calling us when the gradient norm is not finite.
             framework_skips_nonfinite=True,
-            ns_load=self._ns_load,
+            ledger=self._ledger,
         )
         self._cores[key] = core
         return core

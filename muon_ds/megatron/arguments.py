@@ -225,7 +225,7 @@ def use_muon_ds(
     no source is patched. Returns the list every optimizer built from then on is
     appended to, for the closing ``report_muon_ds_work``.
     """
-    from muon_ds.megatron.optimizer import get_muon_ds_optimizer
+    from muon_ds.megatron.factory import get_muon_ds_optimizer
 
     built: list[ChainedOptimizer] = []
 

@@ -8,7 +8,6 @@ runner that starts real gloo processes.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import traceback
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from muon_ds.layout import NOT_SPLIT, RowBlock, ShardView, TensorParallel
+from muon_ds.testing.zero1 import even_split, shard_numel
 
 
 @dataclass
@@ -61,36 +61,34 @@ def zero1_shard(
             members = [p for p in params if p.route == route]
             if not members:
                 continue
-            total = sum(p.values.numel() for p in members)
-            per_rank = math.ceil(total / dp_size)
-            lo, hi = dp_rank * per_rank, min((dp_rank + 1) * per_rank, total)
+            numels = [p.values.numel() for p in members]
+            per_rank = shard_numel(sum(numels), dp_size)
+            lo = dp_rank * per_rank
             flat = torch.cat([p.values.reshape(-1).float() for p in members])
             buffer = torch.zeros(per_rank)
-            buffer[: max(hi - lo, 0)] = flat[lo:hi]
+            held = flat[lo : lo + per_rank]
+            buffer[: held.numel()] = held
             index = len([b for g in shard.param_groups for b in g["params"]])
             shard.param_groups.append({"params": [buffer], "algorithm": route})
-            position = 0
-            for p in members:
-                start, end = max(lo, position), min(hi, position + p.values.numel())
-                if start < end:
-                    shard.views.append(
-                        ShardView(
-                            name=p.name,
-                            matrix_shape=p.matrix_shape
-                            if route == "muon"
-                            else (1, p.values.numel()),
-                            start=start - position,
-                            end=end - position,
-                            buffer=index,
-                            offset=start - lo,
-                            route=route,
-                            tp=p.tp,
-                            blocks=p.blocks,
-                            group=group,
-                        )
+            for piece in even_split(numels, dp_size)[dp_rank]:
+                p = members[piece.param]
+                shard.views.append(
+                    ShardView(
+                        name=p.name,
+                        matrix_shape=p.matrix_shape
+                        if route == "muon"
+                        else (1, numels[piece.param]),
+                        start=piece.start,
+                        end=piece.end,
+                        buffer=index,
+                        offset=piece.offset,
+                        route=route,
+                        tp=p.tp,
+                        blocks=p.blocks,
+                        group=group,
                     )
-                    shard.slices[p.name] = (index, start - lo, start - position, end - position)
-                position += p.values.numel()
+                )
+                shard.slices[p.name] = (index, piece.offset, piece.start, piece.end)
     return shard
 
 

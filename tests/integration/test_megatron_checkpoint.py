@@ -60,7 +60,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from muon_ds import MuonConfig
-from muon_ds.megatron.optimizer import ROUTING_RECORD
+from muon_ds.megatron.checkpoint import ROUTING_RECORD
 from tests.dist.zero1 import run_ranks
 from tests.integration import megatron_models as models
 

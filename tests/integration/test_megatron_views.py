@@ -232,7 +232,7 @@ def test_routing_megatron_tag_moonlight_rule_and_router_by_config() -> None:
 def test_init_state_creates_exactly_the_state_a_step_creates() -> None:
     """Megatron fills this state when loading a checkpoint into a fresh optimizer."""
     from muon_ds.layout import ShardView
-    from muon_ds.megatron.optimizer import init_muon_state
+    from muon_ds.megatron.checkpoint import init_muon_state
     from muon_ds.sharded import ShardedMuon
 
     def build() -> ShardedMuon:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from muon_ds.comm import _stage, _unstage
 from muon_ds.layout import RowBlock, ShardView, TensorParallel, expert_blocks
 from muon_ds.math import newton_schulz_flops
-from muon_ds.plan import PlanError, build_plan
+from muon_ds.plan import NsLedger, PlanError, build_plan, plan_groups
+from muon_ds.testing.zero1 import even_split
 
 
 @st.composite
@@ -174,21 +175,14 @@ def test_a_matrix_wholly_inside_one_shard_is_local_and_moves_nothing():
 
 
 def _zero1_views(shapes: list[tuple[str, int, int]], world: int) -> list[list[ShardView]]:
-    total = sum(r * c for _, r, c in shapes)
-    per_rank = -(-total // world)
-    views: list[list[ShardView]] = [[] for _ in range(world)]
-    position = 0
-    for name, rows, cols in shapes:
-        for d in range(world):
-            lo, hi = max(d * per_rank, position), min((d + 1) * per_rank, position + rows * cols)
-            if lo < hi:
-                views[d].append(
-                    ShardView(
-                        name, (rows, cols), lo - position, hi - position, 0, lo - d * per_rank
-                    )
-                )
-        position += rows * cols
-    return views
+    split = even_split([r * c for _, r, c in shapes], world)
+    return [
+        [
+            ShardView(shapes[s.param][0], shapes[s.param][1:], s.start, s.end, 0, s.offset)
+            for s in rank
+        ]
+        for rank in split
+    ]
 
 
 DENSE_GPT = [
@@ -284,4 +278,40 @@ def test_prior_flops_must_name_every_rank_of_the_group():
             bucket_bytes=64,
             wire_bytes=2,
             prior_flops=[0],
+        )
+
+
+def test_planning_several_groups_charges_one_ledger_as_planning_each_by_hand():
+    """``plan_groups`` plans each group against what earlier groups gave each global rank,
+    in a fixed order, so every core of one model balances each rank's total."""
+    dense = _zero1_views(DENSE_GPT[:4], 4)
+    experts = {(0, 2): _zero1_views(MOE_LAYER[3:15], 2), (1, 3): _zero1_views(MOE_LAYER[15:27], 2)}
+    knobs = {"ns_steps": 5, "imbalance_limit": 1.1, "bucket_bytes": 2**26, "wire_bytes": 2}
+    ledger = NsLedger()
+    plans = plan_groups({"dense": {(0, 1, 2, 3): dense}, "expert": experts}, ledger, **knobs)
+
+    by_hand: dict[int, int] = {}
+    for name, ranks, views in [
+        ("dense", (0, 1, 2, 3), dense),
+        *[("expert", r, v) for r, v in experts.items()],
+    ]:
+        plan = build_plan(views, prior_flops=[by_hand.get(r, 0) for r in ranks], **knobs)
+        assert [m.owner for m in plans[name, ranks].matrices] == [m.owner for m in plan.matrices]
+        for group_rank, rank in enumerate(ranks):
+            by_hand[rank] = by_hand.get(rank, 0) + plan.ns_flops(group_rank)
+    assert ledger.flops == by_hand
+    assert list(plans) == [("dense", (0, 1, 2, 3)), ("expert", (0, 2)), ("expert", (1, 3))]
+
+
+def test_a_group_that_cannot_be_planned_is_named_with_its_ranks():
+    views = _zero1_views([("w", 8, 8)], 2)
+    views[1] = views[1][:0]  # rank 1 drops its part: the matrix has a gap
+    with pytest.raises(PlanError, match=r"group 'dense' \(ranks \[4, 5\]\)"):
+        plan_groups(
+            {"dense": {(4, 5): views}},
+            NsLedger(),
+            ns_steps=5,
+            imbalance_limit=1.1,
+            bucket_bytes=64,
+            wire_bytes=2,
         )
