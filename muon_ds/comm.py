@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from muon_ds.plan import MatrixPlan, Piece, Plan
+from muon_ds.matrices import MatrixPlan, Piece
+from muon_ds.plan import Plan
 
 
 @dataclass

@@ -95,7 +95,7 @@ def routing_report(optimizer: Any) -> RoutingReport:
         current = getattr(current, "optimizer", None)
     raise TypeError(
         f"routing_report: no muon_ds optimizer in {' -> '.join(seen)}; pass a muon_ds "
-        "optimizer (muon_ds.Muon, muon_ds.deepspeed.DeepSpeedZeroOrtho) or an object that "
+        "optimizer (muon_ds.Muon, muon_ds.deepspeed.OrthogonalizedZeroOptimizer) or an object that "
         "holds one as .optimizer (DeepSpeed's engine, HF's trainer.optimizer)"
     )
 

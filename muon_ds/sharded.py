@@ -32,7 +32,8 @@ from muon_ds.device import resolve_ns_dtype
 from muon_ds.kernels import orthogonalize
 from muon_ds.layout import ShardView
 from muon_ds.math import adamw_state, adamw_step, all_finite, muon_direction, update_scale
-from muon_ds.plan import MatrixPlan, NsLedger, Plan, plan_groups
+from muon_ds.matrices import MatrixPlan
+from muon_ds.plan import NsLedger, Plan, plan_groups
 
 logger = logging.getLogger("muon_ds")
 

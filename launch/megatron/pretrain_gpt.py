@@ -37,7 +37,7 @@ from megatron.training import get_args, pretrain, print_rank_0
 from megatron.training.argument_utils import pretrain_cfg_container_from_args
 from megatron.training.arguments import core_transformer_config_from_args, parse_and_validate_args
 
-from muon_ds.megatron.arguments import add_muon_ds_args, use_muon_ds_from_args
+from muon_ds.megatron import add_muon_ds_args, use_muon_ds_from_args
 from muon_ds.megatron.optimizer import report_muon_ds_work
 from muon_ds.patches.megatron import use_prebuilt_dataset_helpers
 from muon_ds.testing.corpus import stdlib_corpus

@@ -15,12 +15,10 @@ from typing import Any
 
 import torch
 
-from muon_ds.deepspeed.optimizer import (
-    GROUP_KEY,
-    ROUTING_RECORD,
-    DeepSpeedZeroOrtho,
-    UnsupportedDeepSpeedSetupError,
-)
+from muon_ds.deepspeed.checkpoint import ROUTING_RECORD
+from muon_ds.deepspeed.groups import GROUP_KEY
+from muon_ds.deepspeed.optimizer import OrthogonalizedZeroOptimizer
+from muon_ds.deepspeed.support import UnsupportedDeepSpeedSetupError
 from muon_ds.patches import deepspeed as patches
 
 OPTIMIZER_TYPE = "MuonDS"
@@ -29,16 +27,16 @@ OPTIMIZER_TYPE = "MuonDS"
 
 def register() -> None:
     """Make ``"type": "MuonDS"`` buildable by ``deepspeed.initialize`` (idempotent)."""
-    patches.allow_under_zero(DeepSpeedZeroOrtho)
+    patches.allow_under_zero(OrthogonalizedZeroOptimizer)
     patches.build_from_config(OPTIMIZER_TYPE, _build_from_config)
     patches.adopt_client_optimizers(_before_wrap, _after_wrap)
 
 
 def _build_from_config(
     engine: Any, model_parameters: list[Any], params: dict[str, Any]
-) -> DeepSpeedZeroOrtho:
+) -> OrthogonalizedZeroOptimizer:
     """The config route: the engine's module names the parameters."""
-    optimizer = DeepSpeedZeroOrtho(model_parameters, model=engine.module, **params)
+    optimizer = OrthogonalizedZeroOptimizer(model_parameters, model=engine.module, **params)
     optimizer.attach(engine)
     return optimizer
 
@@ -46,7 +44,7 @@ def _build_from_config(
 def _before_wrap(engine: Any, optimizer: torch.optim.Optimizer) -> None:
     """A client optimizer, before ZeRO wraps it: ours is checked against the engine; any
     other holding our param groups means ours was replaced behind the user's back."""
-    if isinstance(optimizer, DeepSpeedZeroOrtho):
+    if isinstance(optimizer, OrthogonalizedZeroOptimizer):
         optimizer.attach(engine)
         return
     if any(GROUP_KEY in group for group in optimizer.param_groups):
@@ -62,7 +60,7 @@ def _before_wrap(engine: Any, optimizer: torch.optim.Optimizer) -> None:
 def _after_wrap(engine: Any) -> None:
     """Once ZeRO wrapped ours: its checkpoints record and check our routing."""
     optimizer = getattr(engine, "basic_optimizer", None)
-    if isinstance(optimizer, DeepSpeedZeroOrtho) and engine.optimizer is not optimizer:
+    if isinstance(optimizer, OrthogonalizedZeroOptimizer) and engine.optimizer is not optimizer:
         patches.record_in_zero_checkpoints(
             engine.optimizer,
             ROUTING_RECORD,
@@ -73,4 +71,9 @@ def _after_wrap(engine: Any) -> None:
 
 register()
 
-__all__ = ["OPTIMIZER_TYPE", "DeepSpeedZeroOrtho", "UnsupportedDeepSpeedSetupError", "register"]
+__all__ = [
+    "OPTIMIZER_TYPE",
+    "OrthogonalizedZeroOptimizer",
+    "UnsupportedDeepSpeedSetupError",
+    "register",
+]

@@ -8,25 +8,27 @@ lack, and clears the defaults of the reused ones so that, after parsing,
 latter takes Moonlight's default. With ``--muon-impl megatron`` Megatron's own defaults
 are put back and nothing else changes.
 
-Megatron's ``validate_args`` rewrites ``--optimizer muon --use-distributed-optimizer``
-into its layer-wise optimizer; ``muon_config_from_args`` undoes that, since muon_ds runs
-inside the ordinary (element-wise sharded) distributed optimizer.
+Reading flags is pure: ``muon_config_from_args``, ``qkv_split_from_args`` and
+``tp_mode_from_args`` only read ``args``, in any order. The one write is
+``settle_megatron_args``: Megatron's ``validate_args`` rewrites ``--optimizer muon
+--use-distributed-optimizer`` into its layer-wise optimizer, which muon_ds undoes (it runs
+inside the ordinary, element-wise sharded distributed optimizer), and Megatron's own code
+needs its defaults back in the reused flags the user did not pass. Installing muon_ds into
+``megatron.training`` is ``muon_ds.megatron.hooks``.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from muon_ds.config import NS_DTYPES, MuonConfig
 from muon_ds.megatron.views import QkvSplit, TpMode
-from muon_ds.patches import megatron as patches
-
-if TYPE_CHECKING:
-    from megatron.core.optimizer.optimizer import ChainedOptimizer
 
 _MEGATRON_DEFAULTS = "muon_ds_megatron_defaults"
-_TP_MODE = "muon_ds_tp_mode"
+"""Where ``add_muon_ds_args`` keeps Megatron's defaults of the flags in ``_REUSED``."""
+_UNPASSED = "muon_ds_unpassed"
+"""Where ``settle_megatron_args`` records the reused flags it gave Megatron's defaults."""
 _REUSED = (
     "muon_momentum",
     "muon_nesterov",
@@ -101,27 +103,36 @@ def add_muon_ds_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def muon_config_from_args(args: argparse.Namespace) -> MuonConfig | None:
-    """The effective MuonConfig when muon_ds is selected (logged once), else None.
+    """The effective MuonConfig when muon_ds is selected, else None (reads ``args`` only).
 
-    Call after ``parse_and_validate_args``. Undoes validate_args' switch to the
-    layer-wise optimizer, then gives unpassed reused flags Megatron's defaults back.
+    Call after ``parse_and_validate_args``: a reused flag the user did not pass takes
+    Moonlight's default, not Megatron's.
     """
-    config = None
-    if args.optimizer == "muon" and args.muon_impl == "muon_ds":
-        if not (args.use_distributed_optimizer or args.use_layer_wise_distributed_optimizer):
-            raise ValueError("muon_ds: --optimizer muon needs --use-distributed-optimizer")
+    if args.optimizer != "muon" or args.muon_impl != "muon_ds":
+        return None
+    if not (args.use_distributed_optimizer or args.use_layer_wise_distributed_optimizer):
+        raise ValueError("muon_ds: --optimizer muon needs --use-distributed-optimizer")
+    return MuonConfig(**_config_fields(_as_passed(args)))
+
+
+def settle_megatron_args(args: argparse.Namespace) -> None:
+    """Write back what Megatron's own code must read: the ordinary distributed optimizer
+    when muon_ds is selected, and Megatron's defaults (never None) in the reused flags the
+    user did not pass. The readers above keep telling those flags from passed ones."""
+    if muon_config_from_args(args) is not None:
         args.use_distributed_optimizer = True
         args.use_layer_wise_distributed_optimizer = False
-        config = MuonConfig(**_passed(args))
-        if args.rank == 0:
-            print(f"muon_ds: effective {config}", flush=True)
-    # Read before Megatron's default ("blockwise") fills an unpassed --muon-tp-mode in.
-    setattr(args, _TP_MODE, "blockwise" if args.muon_tp_mode == "blockwise" else "whole")
-    # Megatron's own code reads these (OptimizerConfig, its Muon): never leave them None.
-    for dest, default in getattr(args, _MEGATRON_DEFAULTS).items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, default)
-    return config
+    unpassed = [dest for dest in _REUSED if getattr(_as_passed(args), dest) is None]
+    setattr(args, _UNPASSED, unpassed)
+    for dest in unpassed:
+        setattr(args, dest, getattr(args, _MEGATRON_DEFAULTS)[dest])
+
+
+def _as_passed(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` whose reused flags are None where the user did not pass them,
+    also after ``settle_megatron_args`` gave them Megatron's defaults."""
+    unpassed = getattr(args, _UNPASSED, ())
+    return argparse.Namespace(**{**vars(args), **dict.fromkeys(unpassed)})
 
 
 def qkv_split_from_args(args: argparse.Namespace) -> QkvSplit:
@@ -131,7 +142,7 @@ def qkv_split_from_args(args: argparse.Namespace) -> QkvSplit:
     return "per_head" if args.muon_split_qkv_per_head else "qkv"
 
 
-def _passed(args: argparse.Namespace) -> dict[str, Any]:
+def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
     """MuonConfig fields from the flags the user passed; the others keep their defaults."""
     _refuse(args)
     fields: dict[str, Any] = {"lr": args.lr, "weight_decay": args.weight_decay}
@@ -209,66 +220,14 @@ def _refuse(args: argparse.Namespace) -> None:
 def tp_mode_from_args(args: argparse.Namespace) -> TpMode:
     """``--muon-tp-mode blockwise``: each TP rank's block alone. Unpassed, ``duplicated``
     or ``distributed``: the whole logical matrix, once (what those two modes compute,
-    without their repeated or distributed Newton-Schulz). Call after
-    ``muon_config_from_args``, which reads the flag before Megatron's default fills it."""
-    if not hasattr(args, _TP_MODE):
-        raise RuntimeError("muon_ds: call muon_config_from_args(args) before tp_mode_from_args")
-    return getattr(args, _TP_MODE)
-
-
-def use_muon_ds(
-    config: MuonConfig, qkv_split: QkvSplit, tp_mode: TpMode = "whole"
-) -> list[ChainedOptimizer]:
-    """Make ``megatron.training``'s setup build muon_ds instead of Megatron's optimizer.
-
-    The hook is ``muon_ds.patches.megatron.install_optimizer_factory`` (version-guarded);
-    no source is patched. Returns the list every optimizer built from then on is
-    appended to, for the closing ``report_muon_ds_work``.
-    """
-    from muon_ds.megatron.factory import get_muon_ds_optimizer
-
-    built: list[ChainedOptimizer] = []
-
-    def build(
-        optimizer_config: Any,
-        model_chunks: list,
-        config_overrides: dict | None = None,
-        use_gloo_process_groups: bool = True,
-        dump_param_to_param_group_map: str | None = None,
-    ) -> ChainedOptimizer:
-        if dump_param_to_param_group_map is not None:
-            raise NotImplementedError("muon_ds: --dump-param-to-param-group-map")
-        optimizer = get_muon_ds_optimizer(
-            optimizer_config,
-            model_chunks,
-            config,
-            config_overrides=config_overrides,
-            use_gloo_process_groups=use_gloo_process_groups,
-            qkv_split=qkv_split,
-            tp_mode=tp_mode,
-        )
-        built.append(optimizer)
-        return optimizer
-
-    patches.install_optimizer_factory(build)
-    return built
-
-
-def use_muon_ds_from_args(args: argparse.Namespace) -> list[ChainedOptimizer] | None:
-    """What an entry point does between parsing and ``pretrain()``: the effective config
-    (``muon_config_from_args``, always called: it also restores Megatron's defaults) and,
-    when muon_ds is selected, ``use_muon_ds``; None when it is not."""
-    config = muon_config_from_args(args)
-    if config is None:
-        return None
-    return use_muon_ds(config, qkv_split_from_args(args), tp_mode_from_args(args))
+    without their repeated or distributed Newton-Schulz)."""
+    return "blockwise" if _as_passed(args).muon_tp_mode == "blockwise" else "whole"
 
 
 __all__ = [
     "add_muon_ds_args",
     "muon_config_from_args",
     "qkv_split_from_args",
+    "settle_megatron_args",
     "tp_mode_from_args",
-    "use_muon_ds",
-    "use_muon_ds_from_args",
 ]

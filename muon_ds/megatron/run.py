@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from muon_ds.megatron.arguments import add_muon_ds_args, use_muon_ds_from_args
+from muon_ds.megatron import add_muon_ds_args, use_muon_ds_from_args
 from muon_ds.patches import megatron as patches
 
 

@@ -141,7 +141,10 @@ def run(out: Path) -> dict[str, Any]:
         out / "client",
         copy.deepcopy(no_optimizer),
         model=model,
-        optimizer_cls_and_kwargs=(muon_ds.deepspeed.DeepSpeedZeroOrtho, {**kwargs, "model": model}),
+        optimizer_cls_and_kwargs=(
+            muon_ds.deepspeed.OrthogonalizedZeroOptimizer,
+            {**kwargs, "model": model},
+        ),
     )
     client.train()
     result["client"] = {
@@ -152,7 +155,7 @@ def run(out: Path) -> dict[str, Any]:
     refused = _trainer(
         out / "refused",
         copy.deepcopy(no_optimizer),
-        optimizer_cls_and_kwargs=(muon_ds.deepspeed.DeepSpeedZeroOrtho, dict(kwargs)),
+        optimizer_cls_and_kwargs=(muon_ds.deepspeed.OrthogonalizedZeroOptimizer, dict(kwargs)),
     )
     try:
         refused.train()

@@ -68,9 +68,9 @@ def _engine(config: dict[str, Any], client: Any = None) -> Any:
 
 def _client(model: TinyLM, **params: Any) -> Any:
     """MuonDS built by hand, as Hugging Face's optimizer_cls_and_kwargs does with model=."""
-    from muon_ds.deepspeed import DeepSpeedZeroOrtho
+    from muon_ds.deepspeed import OrthogonalizedZeroOptimizer
 
-    return DeepSpeedZeroOrtho(model, **{**MUON_PARAMS, **params})
+    return OrthogonalizedZeroOptimizer(model, **{**MUON_PARAMS, **params})
 
 
 def _train(engine: Any, rank: int, gas: int, steps: range) -> None:
@@ -230,11 +230,11 @@ def test_start_up_lines_name_the_config_and_what_auto_resolved_to(
 ) -> None:
     """What a run's log says about its Newton-Schulz dtype (one process: rank 0's view)."""
     from muon_ds import device
-    from muon_ds.deepspeed import DeepSpeedZeroOrtho
+    from muon_ds.deepspeed import OrthogonalizedZeroOptimizer
 
     monkeypatch.setattr(device, "_cpu_bf16_units", lambda: units)
     capsys.readouterr()  # what importing DeepSpeed printed
-    DeepSpeedZeroOrtho([("w", torch.nn.Parameter(torch.zeros(4, 6)))], lr=0.02)
+    OrthogonalizedZeroOptimizer([("w", torch.nn.Parameter(torch.zeros(4, 6)))], lr=0.02)
     assert capsys.readouterr().out.splitlines() == [
         f"muon_ds: effective {MuonConfig(lr=0.02)}",
         f"muon_ds: Newton-Schulz and exchange in {resolved}",
@@ -243,17 +243,19 @@ def test_start_up_lines_name_the_config_and_what_auto_resolved_to(
 
 def test_built_without_names_it_refuses_and_names_both_ways_to_pass_them() -> None:
     """Shape alone would put the embedding and the head on Muon without a word."""
-    from muon_ds.deepspeed import DeepSpeedZeroOrtho, UnsupportedDeepSpeedSetupError
+    from muon_ds.deepspeed import OrthogonalizedZeroOptimizer, UnsupportedDeepSpeedSetupError
 
     model = TinyLM()
     groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]  # what HF passes
     with pytest.raises(UnsupportedDeepSpeedSetupError) as refused:
-        DeepSpeedZeroOrtho(groups, lr=0.02)
+        OrthogonalizedZeroOptimizer(groups, lr=0.02)
     message = str(refused.value)
     assert "but 7 of 7 parameters have none (shapes [29, 24], [77, 24], [77]," in message
-    assert "DeepSpeedZeroOrtho(model, ...) or model=model beside param groups" in message
-    assert 'optimizer_cls_and_kwargs=(DeepSpeedZeroOrtho, {"model": model, ...})' in message
-    assert "DeepSpeedZeroOrtho(model.named_parameters(), ...)" in message
+    assert "OrthogonalizedZeroOptimizer(model, ...) or model=model beside param groups" in message
+    assert (
+        'optimizer_cls_and_kwargs=(OrthogonalizedZeroOptimizer, {"model": model, ...})' in message
+    )
+    assert "OrthogonalizedZeroOptimizer(model.named_parameters(), ...)" in message
 
 
 @pytest.mark.parametrize(
@@ -267,17 +269,17 @@ def test_built_without_names_it_refuses_and_names_both_ways_to_pass_them() -> No
 )
 def test_given_names_it_routes_like_moonlight(build: Any) -> None:
     from muon_ds import routing_report
-    from muon_ds.deepspeed import DeepSpeedZeroOrtho
+    from muon_ds.deepspeed import OrthogonalizedZeroOptimizer
 
-    report = routing_report(build(DeepSpeedZeroOrtho, TinyLM()))
+    report = routing_report(build(OrthogonalizedZeroOptimizer, TinyLM()))
     assert sorted(t.name for t in report.tensors if t.route == "muon") == sorted(MATRICES)
     assert [t.name for t in report.matrices_on_adamw()] == ["embed.weight", "lm_head.weight"]
 
 
 def test_stepping_outside_a_deepspeed_engine_is_refused() -> None:
-    from muon_ds.deepspeed import DeepSpeedZeroOrtho, UnsupportedDeepSpeedSetupError
+    from muon_ds.deepspeed import OrthogonalizedZeroOptimizer, UnsupportedDeepSpeedSetupError
 
-    optimizer = DeepSpeedZeroOrtho(TinyLM())
+    optimizer = OrthogonalizedZeroOptimizer(TinyLM())
     with pytest.raises(
         UnsupportedDeepSpeedSetupError,
         match=r"MuonDS steps inside a DeepSpeed engine with zero_optimization stage 1 or 2, but "
@@ -402,7 +404,7 @@ def _record_gradients(engine: Any) -> list[dict[str, torch.Tensor]]:
     """
     import torch.distributed as dist
 
-    from muon_ds.patches.deepspeed import partition_fragment
+    from muon_ds.patches.deepspeed_zero import partition_fragment
 
     optimizer = engine.basic_optimizer
     names = {id(p): n for n, p in engine.module.named_parameters()}

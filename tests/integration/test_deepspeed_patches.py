@@ -20,6 +20,7 @@ import torch
 import muon_ds.deepspeed  # installs the patches the tests below look at
 from muon_ds.patches import PatchError
 from muon_ds.patches import deepspeed as patches
+from muon_ds.patches import deepspeed_zero as zero
 
 PATCHES = Path(__file__).resolve().parents[2] / "patches"
 
@@ -62,8 +63,8 @@ VERSIONED: dict[str, Callable[[], Any]] = {
     "record_in_zero_checkpoints": lambda: patches.record_in_zero_checkpoints(
         _zero_stub(), "key", dict, lambda saved: None
     ),
-    "zero_settings": lambda: patches.zero_settings(_engine_stub()),
-    "link_optimizer_state": lambda: patches.link_optimizer_state([], torch.zeros(1), {}),
+    "zero_settings": lambda: zero.zero_settings(_engine_stub()),
+    "link_optimizer_state": lambda: zero.link_optimizer_state([], torch.zeros(1), {}),
     "skip_shm_op_build": patches.skip_shm_op_build,
 }
 
@@ -80,8 +81,8 @@ def test_each_patch_refuses_a_deepspeed_outside_its_range(
     )
     with pytest.raises(
         PatchError,
-        match=rf"muon_ds\.patches\.deepspeed\.{patch} was written for deepspeed >= 0\.19\.8, "
-        r"< 0\.20\.0; found 0\.20\.1",
+        match=rf"muon_ds\.patches\.deepspeed(_zero)?\.{patch} was written for deepspeed "
+        r">= 0\.19\.8, < 0\.20\.0; found 0\.20\.1",
     ):
         VERSIONED[patch]()
 
@@ -138,7 +139,7 @@ def test_each_patch_refuses_a_deepspeed_without_what_it_patches(
     remove(monkeypatch)
     with pytest.raises(
         PatchError,
-        match=rf"muon_ds\.patches\.deepspeed\.{patch} patches {where}, which this version "
+        match=rf"muon_ds\.patches\.deepspeed(_zero)?\.{patch} patches {where}, which this version "
         "does not have",
     ):
         VERSIONED[patch]()
@@ -148,23 +149,23 @@ def test_engine_reads_refuse_an_engine_without_the_zero_config() -> None:
     engine = _engine_stub()
     del engine._config.zero_config.round_robin_gradients
     with pytest.raises(PatchError, match=r"patches SimpleNamespace\.round_robin_gradients"):
-        patches.zero_settings(engine)
+        zero.zero_settings(engine)
 
 
 def test_group_read_refuses_a_partitioned_parameter_without_its_group() -> None:
     param = _mapped_param()
     with pytest.raises(PatchError, match=r"data_parallel_group patches Parameter\._dp_group"):
-        patches.data_parallel_group(param)
+        zero.data_parallel_group(param)
     param._dp_group = "group"  # type: ignore[attr-defined]
-    assert patches.data_parallel_group(param) == "group"
+    assert zero.data_parallel_group(param) == "group"
 
 
 def test_partition_reads_refuse_a_mapping_of_another_shape() -> None:
     param = _mapped_param()
-    assert patches.partition_fragment(param) == patches.Fragment(0, 0, 16, False)
+    assert zero.partition_fragment(param) == zero.Fragment(0, 0, 16, False)
     del param._hp_mapping.hp_fragment_address  # type: ignore[attr-defined]
     with pytest.raises(PatchError, match=r"patches SimpleNamespace\.hp_fragment_address"):
-        patches.partition_fragment(param)
+        zero.partition_fragment(param)
 
 
 def test_checkpoint_record_refuses_a_load_state_dict_of_another_signature() -> None:
@@ -247,7 +248,7 @@ def test_the_engine_hooks_are_installed_once() -> None:
 DIFFS = ("deepspeed-config-optimizer-gets-model.diff", "deepspeed-optimizer-entry-points.diff")
 """The diffs for DeepSpeed in ``patches/``, in the order they apply (the second on the first)."""
 
-ENTRY_POINT = "MuonDS = muon_ds.deepspeed:DeepSpeedZeroOrtho"
+ENTRY_POINT = "MuonDS = muon_ds.deepspeed:OrthogonalizedZeroOptimizer"
 
 
 def test_every_deepspeed_diff_is_listed() -> None:
@@ -263,7 +264,8 @@ def test_pyproject_declares_the_entry_point_the_diff_looks_up() -> None:
     assert declared == {name: target}
     module, attribute = target.split(":")
     assert (
-        getattr(importlib.import_module(module), attribute) is muon_ds.deepspeed.DeepSpeedZeroOrtho
+        getattr(importlib.import_module(module), attribute)
+        is muon_ds.deepspeed.OrthogonalizedZeroOptimizer
     )
 
 
@@ -324,7 +326,7 @@ def test_with_the_diffs_muonds_needs_no_import_and_deepspeed_passes_the_model(
 ) -> None:
     outcome = _run_plugin_job(patched_site)
     assert outcome["deepspeed"].startswith(str(patched_site)), outcome
-    assert outcome.get("optimizer") == "DeepSpeedZeroOrtho", outcome
+    assert outcome.get("optimizer") == "OrthogonalizedZeroOptimizer", outcome
     assert outcome["adamw_matrices"] == ["embed.weight", "lm_head.weight"]
     assert outcome["deepspeed_builds_with_model"] == ["embed.weight", "lm_head.weight"]
 

@@ -106,5 +106,8 @@ def test_optimizer_cls_and_kwargs_without_model_is_refused_naming_both_ways(runs
         message = result["client_without_model"]
         assert message.startswith("MuonDS needs every parameter's name"), message
         assert "21 of 21 parameters have none" in message
-        assert 'optimizer_cls_and_kwargs=(DeepSpeedZeroOrtho, {"model": model, ...})' in message
-        assert "DeepSpeedZeroOrtho(model.named_parameters(), ...)" in message
+        assert (
+            'optimizer_cls_and_kwargs=(OrthogonalizedZeroOptimizer, {"model": model, ...})'
+            in message
+        )
+        assert "OrthogonalizedZeroOptimizer(model.named_parameters(), ...)" in message

@@ -80,8 +80,7 @@ def _train(rank: int, world: int, shape: models.Shape, scenario: Scenario) -> di
     megatron_cpu.install()
     from megatron.core import parallel_state as ps
 
-    from muon_ds.megatron import get_muon_ds_optimizer
-    from muon_ds.megatron.arguments import use_muon_ds
+    from muon_ds.megatron import get_muon_ds_optimizer, use_muon_ds
 
     ps.initialize_model_parallel(
         tensor_model_parallel_size=scenario.tp,

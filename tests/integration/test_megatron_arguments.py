@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 
 from muon_ds import MuonConfig
+from muon_ds.megatron import hooks
 from muon_ds.megatron.arguments import (
     add_muon_ds_args,
     muon_config_from_args,
     qkv_split_from_args,
+    settle_megatron_args,
     tp_mode_from_args,
 )
 
@@ -45,6 +47,8 @@ def _parse(monkeypatch: pytest.MonkeyPatch, *flags: str) -> argparse.Namespace:
 def test_unpassed_muon_flags_take_moonlight_defaults(monkeypatch, capsys) -> None:
     args = _parse(monkeypatch, *MUON)
     capsys.readouterr()
+    monkeypatch.setattr(hooks, "use_muon_ds", lambda *_: [])  # not megatron.training's hook
+    hooks.use_muon_ds_from_args(args)
     assert muon_config_from_args(args) == MuonConfig(lr=1e-3, weight_decay=0.1)
     assert capsys.readouterr().out.count("muon_ds: effective MuonConfig(") == 1
     # Megatron's code that still reads its flags sees its own defaults, never None.
@@ -81,7 +85,7 @@ def test_distributed_optimizer_is_kept_instead_of_the_layer_wise_rewrite(monkeyp
         False,
         True,
     ), "Megatron's validate_args rewrite this test undoes"
-    muon_config_from_args(args)
+    settle_megatron_args(args)
     assert (args.use_distributed_optimizer, args.use_layer_wise_distributed_optimizer) == (
         True,
         False,
@@ -91,6 +95,7 @@ def test_distributed_optimizer_is_kept_instead_of_the_layer_wise_rewrite(monkeyp
 def test_muon_impl_megatron_leaves_megatrons_muon_untouched(monkeypatch) -> None:
     args = _parse(monkeypatch, *MUON, "--muon-impl", "megatron")
     assert muon_config_from_args(args) is None
+    settle_megatron_args(args)
     assert args.use_layer_wise_distributed_optimizer
     assert (args.muon_momentum, args.muon_nesterov, args.muon_tp_mode) == (0.9, False, "blockwise")
     assert (args.muon_coefficient_type, args.muon_extra_scale_factor) == ("quintic", 1.0)
@@ -149,7 +154,8 @@ def test_tp_mode_flag_unpassed_is_the_whole_matrix_not_megatrons_blockwise(
     monkeypatch, flags, mode
 ) -> None:
     args = _parse(monkeypatch, *MUON, *flags)
-    muon_config_from_args(args)
+    assert tp_mode_from_args(args) == mode
+    settle_megatron_args(args)  # Megatron's default "blockwise" now fills an unpassed flag
     assert tp_mode_from_args(args) == mode
 
 
@@ -205,6 +211,7 @@ def test_gpu_launcher_flags_pass_megatron_and_muon_ds_validation_on_8_gpus(
     # What the entry's parse_and_validate_args does, without setting Megatron's globals.
     arguments.validate_args(args, {"tokenizer_type": "NullTokenizer", "vocab_size": VOCAB_SIZE})
     config = muon_config_from_args(args)
+    settle_megatron_args(args)
     parallel = (args.tensor_model_parallel_size, args.data_parallel_size)
     assert (*parallel, args.expert_model_parallel_size) == sizes
     assert args.use_distributed_optimizer
