@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from muon_ds.closure import loss_from_closure
 from muon_ds.config import MuonConfig
 from muon_ds.kernels import orthogonalize
 from muon_ds.layout import GROUP_KEYS, group_key, split_group_settings, tag_embeddings
@@ -69,10 +70,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_from_closure(closure)
         if not self._reported:
             self._reported = True
             print_on_rank0(RoutingReport(tuple(self.routed_tensors())).lines())

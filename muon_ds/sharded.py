@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from muon_ds.agreement import check_agreement, local_problem
+from muon_ds.closure import loss_from_closure
 from muon_ds.comm import CommCounter, Exchange, LocalRun, Slot
 from muon_ds.config import MuonConfig
 from muon_ds.device import resolve_ns_dtype
@@ -292,10 +293,7 @@ class ShardedMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_from_closure(closure)
         hyper = [(g["lr"], g["weight_decay"]) for g in self.param_groups for _ in g["params"]]
         self.last_step_skipped = not self.core.run(hyper, self.state)
         if self.last_step_skipped:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from muon_ds.closure import loss_from_closure
 from muon_ds.config import MuonConfig
 from muon_ds.deepspeed.checkpoint import MOMENTUM_KEY, ZeroCheckpointing
 from muon_ds.deepspeed.groups import GROUP_KEY, named_groups, split_groups
@@ -83,10 +84,7 @@ class OrthogonalizedZeroOptimizer(ZeroCheckpointing, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_from_closure(closure)
         if not self._reported:
             check_what_zero_built(p for ps in self._model_params.values() for p in ps)
             self._reported = True

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from muon_ds.math import coefficient_schedule, newton_schulz
+from muon_ds.math.newton_schulz import as_wide_stack
 
 INTERPRETED: bool = triton.knobs.runtime.interpret
 """Whether this module's kernels run in Triton's CPU interpreter. Read at import, like
@@ -294,8 +295,8 @@ def newton_schulz_triton(
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    shape = x.shape
-    x = x.reshape(-1, *shape[-2:]).contiguous()
+    x, restore = as_wide_stack(x)
+    x = x.contiguous()
     k, m, _ = x.shape
     gram = x.new_empty(k, m, m)
     poly = x.new_empty(k, m, m)
@@ -304,5 +305,5 @@ def newton_schulz_triton(
         symmetric_product(x, gram)
         symmetric_product(gram, poly, alpha=c, beta=b, add=gram)  # A A = A Aᵀ: A symmetric
         x, spare = matmul_add(poly, x, spare, alpha=a), x
-    x = x.reshape(shape)
+    x = restore(x)
     return x.mT if transposed else x

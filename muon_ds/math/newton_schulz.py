@@ -14,6 +14,8 @@ matrices (a layer's experts, the Q/K/V blocks) is orthogonalised in one call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 MOONLIGHT_COEFFICIENTS: tuple[tuple[float, float, float], ...] = ((3.4445, -4.7750, 2.0315),)
@@ -76,9 +78,7 @@ def newton_schulz(
     if transposed:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * norm_factor + eps)
-    # baddbmm wants exactly one batch dim (a view here for 2-D and 3-D inputs).
-    batch_shape = x.shape[:-2]
-    x = x.reshape(-1, *x.shape[-2:])
+    x, restore = as_wide_stack(x)
     for a, b, c in schedule:
         gram = x @ x.mT
         # b A + c A A and a X + B X each in one call: the products accumulate in fp32 and
@@ -87,10 +87,18 @@ def newton_schulz(
         # were a quarter of this function's CPU time).
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, poly, x, beta=a)
-    x = x.reshape(*batch_shape, *x.shape[-2:])
-    if transposed:
-        x = x.mT
-    return x
+    x = restore(x)
+    return x.mT if transposed else x
+
+
+def as_wide_stack(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``x`` (``[..., m, n]``, m <= n) as one ``[k, m, n]`` stack, and the inverse reshape.
+
+    Batched matmuls (``baddbmm``, the Triton kernels) take exactly one batch dim; for 2-D
+    and 3-D inputs this is a view.
+    """
+    shape = x.shape
+    return x.reshape(-1, *shape[-2:]), lambda stacked: stacked.reshape(shape)
 
 
 def newton_schulz_flops(rows: int, cols: int, steps: int) -> int:
