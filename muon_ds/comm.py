@@ -4,6 +4,8 @@ One bucket is two ``all_to_all_single`` calls over the exchange group: holders s
 pieces of their momentum directions to owners (gather), owners send the orthogonalised
 pieces back (scatter). Both are issued asynchronously, so while an owner runs
 Newton-Schulz on one bucket the next bucket's gather is already in flight.
+
+``all_ranks_finite`` is the other collective: the vote that skips a step on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from muon_ds.math import all_finite
 from muon_ds.matrices import MatrixPlan, Piece
 from muon_ds.plan import Plan
 
@@ -237,6 +240,23 @@ class Exchange:
         if not any(_permuted(m) for m in group):
             return staging.view(len(group), group[0].rows, group[0].cols)
         return torch.stack([_stage(m, row) for m, row in zip(group, staging, strict=True)])
+
+
+def all_ranks_finite(
+    tensors: Sequence[torch.Tensor], device: torch.device, counter: CommCounter | None = None
+) -> bool:
+    """Whether every rank's ``tensors`` hold no NaN and no Inf.
+
+    One int32 MAX all-reduce over the world (none on a single process), made on ``device``
+    (NCCL reduces CUDA tensors only), so every rank reaches the same verdict and skips a
+    step together; ``counter`` records its bytes.
+    """
+    bad = (~all_finite(list(tensors))).to(device=device, dtype=torch.int32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if counter is not None:
+            counter.record("finite_check", "world", bad.element_size())
+    return not bool(bad.item())
 
 
 def _permuted(matrix: MatrixPlan) -> bool:

@@ -11,9 +11,10 @@ param group to its own Muon code path when the first param carries a truthy ``us
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -110,6 +111,30 @@ def split_group_settings(key: GroupKey) -> dict[str, object]:
     """What a split group overrides in its user group's settings: an exempt group's
     weight decay is 0, whatever the user group says."""
     return {} if key[1] else {"weight_decay": 0.0}
+
+
+def split_param_group(
+    group: Mapping[str, Any],
+    key_of: Callable[[Any], GroupKey],
+    keys: Sequence[GroupKey] = GROUP_KEYS,
+    keep_empty: bool = False,
+) -> list[dict[str, Any]]:
+    """One user param group as one group per split key (route, decays), in ``keys`` order.
+
+    Each keeps the user group's settings, overridden by ``split_group_settings``, and is
+    marked ``"algorithm"``; every optimizer and adapter splits its groups this way, so a
+    group holds one algorithm's parameters. ``key_of`` gets each member as given (a
+    tensor or a ``(name, tensor)`` pair); empty groups are dropped unless ``keep_empty``.
+    """
+    split: dict[GroupKey, list[Any]] = {key: [] for key in keys}
+    for member in group["params"]:
+        split[key_of(member)].append(member)
+    settings = {k: v for k, v in group.items() if k != "params"}
+    return [
+        {**settings, **split_group_settings(key), "params": members, "algorithm": key[0]}
+        for key, members in split.items()
+        if members or keep_empty
+    ]
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,13 @@ import torch
 from muon_ds.closure import loss_from_closure
 from muon_ds.config import MuonConfig
 from muon_ds.kernels import orthogonalize
-from muon_ds.layout import GROUP_KEYS, group_key, split_group_settings, tag_embeddings
+from muon_ds.layout import group_key, split_param_group, tag_embeddings
 from muon_ds.math import (
-    adamw_state,
+    MOMENTUM,
     adamw_step,
     all_finite,
     apply_muon_update,
+    ensure_state,
     matrix_shape,
     muon_direction,
     update_scale,
@@ -96,10 +97,9 @@ class Muon(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+            ensure_state(state, p, "muon")
             direction = muon_direction(
-                state["momentum_buffer"], p.grad, mu=cfg.momentum, nesterov=cfg.nesterov
+                state[MOMENTUM], p.grad, mu=cfg.momentum, nesterov=cfg.nesterov
             )
             shape = matrix_shape(p.shape)
             by_shape[shape].append((p, direction.reshape(shape)))
@@ -117,8 +117,7 @@ class Muon(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            if not state:
-                state.update(adamw_state(p))
+            ensure_state(state, p, "adamw")
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -167,8 +166,8 @@ class Muon(torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for p, saved_id in zip(params, saved_ids, strict=True):
             saved = state_dict["state"].get(saved_id, {})
-            if "momentum_buffer" in saved:
-                self.state[p]["momentum_buffer"] = saved["momentum_buffer"].to(
+            if MOMENTUM in saved:
+                self.state[p][MOMENTUM] = saved[MOMENTUM].to(
                     device=p.device, dtype=torch.float32, copy=True
                 )
 
@@ -183,32 +182,23 @@ def _split_by_route(params: ParamsT, config: MuonConfig) -> list[dict[str, Any]]
     if not items:
         raise ValueError("Muon got an empty parameter list")
     user_groups = items if isinstance(items[0], dict) else [{"params": items}]
-    groups: list[dict[str, Any]] = []
-    unnamed_matrices = 0
-    for user_group in user_groups:
-        members = list(user_group["params"])
-        split: dict[tuple[str, bool], list[Any]] = {key: [] for key in GROUP_KEYS}
-        for member in members:
-            name, param = member if isinstance(member, tuple) else (None, member)
-            if not isinstance(param, torch.Tensor):
-                raise TypeError(
-                    f"Muon params must be tensors or (name, tensor) pairs, got {type(param)}"
-                )
-            key = group_key(name, param, config)
-            unnamed_matrices += name is None and key[0] == "muon"
-            # torch.optim keeps (name, tensor) pairs as the group's "param_names".
-            split[key].append(member)
-        extra = {k: v for k, v in user_group.items() if k != "params"}
-        for key, key_members in split.items():
-            if key_members:
-                groups.append(
-                    {
-                        **extra,
-                        **split_group_settings(key),
-                        "params": key_members,
-                        "algorithm": key[0],
-                    }
-                )
+
+    def key_of(member: Any) -> tuple[str, bool]:
+        name, param = member if isinstance(member, tuple) else (None, member)
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(
+                f"Muon params must be tensors or (name, tensor) pairs, got {type(param)}"
+            )
+        return group_key(name, param, config)
+
+    # torch.optim keeps (name, tensor) pairs as each group's "param_names".
+    groups = [g for user_group in user_groups for g in split_param_group(user_group, key_of)]
+    unnamed_matrices = sum(
+        not isinstance(member, tuple)
+        for group in groups
+        if group["algorithm"] == "muon"
+        for member in group["params"]
+    )
     if unnamed_matrices:
         logger.info(
             "muon_ds: %d unnamed matrices routed to Muon by shape; pass named_parameters() "

@@ -27,19 +27,22 @@ import torch.distributed as dist
 
 from muon_ds.agreement import check_agreement, local_problem
 from muon_ds.closure import loss_from_closure
-from muon_ds.comm import CommCounter, Exchange, LocalRun, Slot
+from muon_ds.comm import CommCounter, Exchange, LocalRun, Slot, all_ranks_finite
 from muon_ds.config import MuonConfig
 from muon_ds.device import resolve_ns_dtype
 from muon_ds.kernels import orthogonalize
 from muon_ds.layout import ShardView
-from muon_ds.math import adamw_state, adamw_step, all_finite, muon_direction, update_scale
+from muon_ds.math import (
+    MOMENTUM,
+    adamw_step,
+    ensure_state,
+    muon_direction,
+    update_scale,
+)
 from muon_ds.matrices import MatrixPlan
 from muon_ds.plan import NsLedger, Plan, plan_groups
 
 logger = logging.getLogger("muon_ds")
-
-MOMENTUM = "momentum_buffer"
-"""State key of Muon's fp32 momentum, as in ``torch.optim`` and ``muon_ds.Muon``."""
 
 
 class ShardedMuonCore:
@@ -81,8 +84,8 @@ class ShardedMuonCore:
         self.counter = CommCounter()
         # Newton-Schulz and the wire share one dtype, resolved for the shards' device; the
         # ranks check below that they agree on it (``auto`` could differ across machines).
-        device = self.buffers[0].device if self.buffers else torch.device("cpu")
-        self.ns_dtype = resolve_ns_dtype(config.ns_dtype, device)
+        self.device = self.buffers[0].device if self.buffers else torch.device("cpu")
+        self.ns_dtype = resolve_ns_dtype(config.ns_dtype, self.device)
         groups = dict(process_groups or {"dense": None})
         problem = local_problem(self.buffers, self.algorithms, self.views, groups)
         self.plans, self._exchanges = self._agree_and_plan(
@@ -176,20 +179,14 @@ class ShardedMuonCore:
         step on every rank, leaving parameters and ``state`` untouched.
         """
         grads = [b.grad if b.grad is not None else torch.zeros_like(b) for b in self.buffers]
-        if not self.framework_skips_nonfinite and not self._all_ranks_finite(grads):
+        vote = not self.framework_skips_nonfinite
+        if vote and not all_ranks_finite(grads, self.device, self.counter):
             return False
         for index, buffer in enumerate(self.buffers):
             if self.algorithms[index] == "adamw":
                 self._adamw_step(buffer, grads[index], *hyper[index], state[buffer])
         self._muon_step(grads, hyper, state)
         return True
-
-    def _all_ranks_finite(self, grads: list[torch.Tensor]) -> bool:
-        bad = (~all_finite(grads)).to(torch.int32).reshape(1)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            self.counter.record("finite_check", "world", bad.element_size())
-        return not bool(bad.item())
 
     def _muon_step(
         self,
@@ -204,8 +201,7 @@ class ShardedMuonCore:
                 directions.append(buffer.new_empty(0))
                 continue
             buffer_state = state[buffer]
-            if self.momentum_key not in buffer_state:
-                buffer_state[self.momentum_key] = torch.zeros_like(buffer, dtype=torch.float32)
+            ensure_state(buffer_state, buffer, "muon", self.momentum_key)
             momentum = buffer_state[self.momentum_key]
             directions.append(
                 muon_direction(momentum, grads[index], mu=cfg.momentum, nesterov=cfg.nesterov)
@@ -234,8 +230,7 @@ class ShardedMuonCore:
         weight_decay: float,
         buffer_state: MutableMapping[str, Any],
     ) -> None:
-        if not buffer_state:
-            buffer_state.update(adamw_state(buffer))
+        ensure_state(buffer_state, buffer, "adamw")
         adamw_step(
             [buffer],
             [grad],

@@ -12,7 +12,7 @@ import torch
 
 from muon_ds.config import MuonConfig
 from muon_ds.deepspeed.support import UnsupportedDeepSpeedSetupError
-from muon_ds.layout import GROUP_KEYS, group_key, split_group_settings, tag_embeddings
+from muon_ds.layout import group_key, split_param_group, tag_embeddings
 
 GROUP_KEY = "muon_ds_group"
 """Param-group key naming which split half a group is (a plain int, saved by torch)."""
@@ -82,28 +82,16 @@ def split_groups(
     wholly Muon (fp32 momentum, 4 bytes/element) or wholly AdamW (8 bytes/element).
     """
     groups: list[dict[str, Any]] = []
-    model_params: dict[int, list[torch.Tensor]] = {}
     for user_group in user_groups:
-        split: dict[tuple[str, bool], list[torch.Tensor]] = {key: [] for key in GROUP_KEYS}
         for param in user_group["params"]:
             if getattr(param, "use_muon", False):
                 raise UnsupportedDeepSpeedSetupError(
                     "a parameter carries use_muon=True, DeepSpeed's own Muon tag; MuonDS routes "
                     "with muon_ds.set_route(param, 'muon') instead (remove use_muon)"
                 )
-            split[group_key(names[id(param)], param, config)].append(param)
-        extra = {k: v for k, v in user_group.items() if k != "params"}
-        for split_key, members in split.items():
-            if members:
-                key = len(groups)
-                model_params[key] = members
-                groups.append(
-                    {
-                        **extra,
-                        **split_group_settings(split_key),
-                        "params": members,
-                        "algorithm": split_key[0],
-                        GROUP_KEY: key,
-                    }
-                )
+        groups += split_param_group(user_group, lambda p: group_key(names[id(p)], p, config))
+    model_params = {}
+    for key, group in enumerate(groups):
+        group[GROUP_KEY] = key
+        model_params[key] = group["params"]
     return groups, model_params

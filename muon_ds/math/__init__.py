@@ -8,16 +8,19 @@ from muon_ds.math.newton_schulz import (
     newton_schulz_flops,
 )
 from muon_ds.math.updates import (
+    MOMENTUM,
     adamw_state,
     adamw_step,
     all_finite,
     apply_muon_update,
+    ensure_state,
     matrix_shape,
     muon_direction,
     update_scale,
 )
 
 __all__ = [
+    "MOMENTUM",
     "MOONLIGHT_COEFFICIENTS",
     "POLAR_EXPRESS_COEFFICIENTS",
     "adamw_state",
@@ -25,6 +28,7 @@ __all__ = [
     "all_finite",
     "apply_muon_update",
     "coefficient_schedule",
+    "ensure_state",
     "matrix_shape",
     "muon_direction",
     "newton_schulz",

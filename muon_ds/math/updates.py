@@ -8,6 +8,8 @@ care how a matrix is cut. Momentum is always fp32, whatever the parameter dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
+from typing import Any
 
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
@@ -77,6 +79,29 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.tensor(True)
     return torch.stack([t.isfinite().all() for t in tensors]).all()
+
+
+MOMENTUM = "momentum_buffer"
+"""State key of Muon's fp32 momentum, as in ``torch.optim``'s SGD and Muon."""
+
+
+def ensure_state(
+    state: MutableMapping[str, Any],
+    param: torch.Tensor,
+    algorithm: str,
+    momentum_key: str = MOMENTUM,
+) -> None:
+    """Give ``param`` its fresh optimizer state for ``algorithm`` unless it has one.
+
+    Muon: an fp32 momentum (whatever the param's dtype, so bf16 params do not round it);
+    AdamW: ``adamw_state``. Every optimizer creates state through here, lazily at the first
+    step or up front where a checkpoint must find tensors to load into.
+    """
+    if algorithm == "muon":
+        if momentum_key not in state:
+            state[momentum_key] = torch.zeros_like(param, dtype=torch.float32)
+    elif not state:
+        state.update(adamw_state(param))
 
 
 def adamw_state(param: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -40,9 +40,9 @@ from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_f
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
-from muon_ds.math import adamw_state
+from muon_ds.math import MOMENTUM, ensure_state
 from muon_ds.routing import routing_mismatch
-from muon_ds.sharded import MOMENTUM, ShardedMuon
+from muon_ds.sharded import ShardedMuon
 
 CHECKPOINT_FORMATS = ("dp_reshardable", "fully_reshardable")
 """Megatron's distributed-optimizer checkpoint formats muon_ds saves and loads."""
@@ -66,13 +66,7 @@ def init_muon_state(optimizer: ShardedMuon, config: OptimizerConfig | None = Non
     """
     for group in optimizer.param_groups:
         for shard in group["params"]:
-            state = optimizer.state[shard]
-            if state:
-                continue
-            if group["algorithm"] == "muon":
-                state[MOMENTUM] = torch.zeros_like(shard, dtype=torch.float32)
-            else:
-                state.update(adamw_state(shard))
+            ensure_state(optimizer.state[shard], shard, group["algorithm"])
 
 
 class MuonCheckpointing:

@@ -27,7 +27,7 @@ from megatron.core.utils import get_model_config, get_pg_rank
 
 from muon_ds.config import MuonConfig
 from muon_ds.device import describe_ns_dtype
-from muon_ds.layout import TensorParallel
+from muon_ds.layout import TensorParallel, split_param_group
 from muon_ds.megatron.optimizer import MuonDistributedOptimizer
 from muon_ds.megatron.views import (
     DENSE,
@@ -70,14 +70,15 @@ def split_by_route(
     Megatron aligns param groups across ranks (checkpoints index them), so both halves
     stay on every rank whatever this rank's parameters are.
     """
-    split = []
-    for group in param_groups:
-        for algorithm in ("muon", "adamw"):
-            members = [
-                p for p in group["params"] if megatron_route(names[p], p, config) == algorithm
-            ]
-            split.append({**group, "params": members, "algorithm": algorithm})
-    return split
+    # Megatron decays through its own per-group overrides: every half is "decayed" here.
+    halves = (("muon", True), ("adamw", True))
+    return [
+        half
+        for group in param_groups
+        for half in split_param_group(
+            group, lambda p: (megatron_route(names[p], p, config), True), halves, keep_empty=True
+        )
+    ]
 
 
 def model_layout(

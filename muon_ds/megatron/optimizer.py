@@ -26,8 +26,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.grad_scaler import MegatronGradScaler
 from megatron.core.optimizer.optimizer import ChainedOptimizer
 
+from muon_ds.comm import all_ranks_finite
 from muon_ds.config import MuonConfig
-from muon_ds.math import all_finite
 from muon_ds.megatron.checkpoint import MuonCheckpointing, init_muon_state
 from muon_ds.megatron.views import EXPERT, ModelLayout, shard_views
 from muon_ds.patches import megatron as patches
@@ -159,10 +159,10 @@ class MuonDistributedOptimizer(MuonCheckpointing, DistributedOptimizer):
         """
         found_inf = super().prepare_grads()
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
-        finite = all_finite([g for g in grads if g is not None])
-        bad = (~finite).to(torch.int32).reshape(1).to(self.buffers[0].grad_data.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return found_inf or bool(bad.item())
+        finite = all_ranks_finite(
+            [g for g in grads if g is not None], self.buffers[0].grad_data.device
+        )
+        return found_inf or not finite
 
 
 def report_muon_ds_work(optimizer: ChainedOptimizer) -> str:

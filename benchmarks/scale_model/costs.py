@@ -1,0 +1,150 @@
+"""What each scheme moves and computes per group rank.
+
+muon_ds's plans, Moonlight's Algorithm 1 and Megatron's whole-matrix layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from benchmarks.scale_model.specs import MEGATRON_ALIGN
+from muon_ds.plan import Plan
+
+
+@dataclass
+class Cost:
+    """Bytes sent between ranks (``flows[(src, dst)]``) and Newton-Schulz FLOPs per rank."""
+
+    flows: dict[tuple[int, int], int]
+    ns_flops: list[int]
+    ns_calls: list[int]
+
+    @classmethod
+    def empty(cls, ranks: int) -> Cost:
+        return cls(defaultdict(int), [0] * ranks, [0] * ranks)
+
+
+def muon_ds_cost(plan: Plan, wire_bytes: int) -> Cost:
+    """The plan as executed: each piece off its owner goes to the owner and comes back."""
+    cost = Cost.empty(plan.world)
+    for m in plan.matrices:
+        cost.ns_flops[m.owner] += m.flops
+        cost.ns_calls[m.owner] += 1
+        for p in m.pieces:
+            if p.holder != m.owner:
+                cost.flows[(p.holder, m.owner)] += wire_bytes * p.numel
+                cost.flows[(m.owner, p.holder)] += wire_bytes * p.numel
+    return cost
+
+
+def algorithm1_cost(plan: Plan, tp: int, wire_bytes: int) -> Cost:
+    """Moonlight's Algorithm 1 on the plan's pieces (owners ignored).
+
+    Every holder of part of a TP-local matrix receives the other holders' pieces (DP
+    gather); for a TP-split matrix each then receives the other TP ranks' parts from its
+    TP peers (group rank ``t + tp * d``, same d); every holder runs the full NS.
+    """
+    cost = Cost.empty(plan.world)
+    for m in plan.matrices:
+        held: dict[int, int] = defaultdict(int)
+        part_of: dict[int, int] = {}
+        for p in m.pieces:
+            held[p.holder] += p.numel
+            part_of[p.holder] = p.tp_rank
+        for h, numel in held.items():
+            cost.ns_flops[h] += m.flops
+            cost.ns_calls[h] += 1
+            for peer in held:
+                if peer != h and part_of[peer] == part_of[h]:
+                    cost.flows[(h, peer)] += wire_bytes * numel
+            if m.tp_size > 1:
+                d = h // tp
+                for t in range(tp):
+                    if t != part_of[h]:
+                        cost.flows[(h, t + tp * d)] += wire_bytes * m.numel // m.tp_size
+    return cost
+
+
+@dataclass(frozen=True)
+class WholeParam:
+    """A param as Megatron's layer-wise layout places it: whole, on one DP rank."""
+
+    name: str
+    numel: int
+    """TP-local elements."""
+    tp_split: bool
+    flops: int
+    """NS FLOPs of its logical matrices (whole, after any TP gather)."""
+    matrices: int
+
+
+def whole_params(plans: Iterable[Plan], order: Sequence[str]) -> list[WholeParam]:
+    """The params of ``plans``' matrices in model ``order``, with their NS work."""
+    by_name: dict[str, list] = defaultdict(list)
+    for plan in plans:
+        for m in plan.matrices:
+            by_name[m.name].append(m)
+    return [
+        WholeParam(
+            name,
+            sum(m.numel // m.tp_size for m in by_name[name]),
+            by_name[name][0].tp_size > 1,
+            sum(m.flops for m in by_name[name]),
+            len(by_name[name]),
+        )
+        for name in order
+        if name in by_name
+    ]
+
+
+@dataclass(frozen=True)
+class MegatronLayout:
+    shard_of: dict[str, int]
+    loads: list[int]
+    """Real elements per DP rank."""
+    shard_size: int
+    """Every rank's padded shard."""
+    padding: int
+    """Elements of the buffer that are no parameter's."""
+
+
+def megatron_layout(params: Sequence[WholeParam], dp: int) -> MegatronLayout:
+    """Megatron 0.19's LayerWiseDistributedOptimizer layout of one buffer, one bucket.
+
+    Backprop order, largest first (a stable sort), each param to the least-loaded shard
+    (lowest index on ties) at a 64-aligned start; shards padded to the largest, rounded
+    to the shard divisor lcm(64, lcm(dp, 128) / dp).
+    """
+    cursors = [0] * dp
+    loads = [0] * dp
+    shard_of = {}
+    for p in sorted(reversed(params), key=lambda p: -p.numel):
+        shard = min(range(dp), key=lambda s: cursors[s])
+        cursors[shard] = -(-cursors[shard] // MEGATRON_ALIGN) * MEGATRON_ALIGN + p.numel
+        loads[shard] += p.numel
+        shard_of[p.name] = shard
+    divisor = math.lcm(MEGATRON_ALIGN, math.lcm(dp, 128) // dp)
+    shard_size = -(-max(cursors) // divisor) * divisor
+    return MegatronLayout(shard_of, loads, shard_size, dp * shard_size - sum(loads))
+
+
+def megatron_cost(
+    params: Sequence[WholeParam], layout: MegatronLayout, tp: int, wire_bytes: int
+) -> Cost:
+    """Per rank ``t + tp * d`` of the buffer's DP x TP grid: NS of every param on shard d,
+    repeated on every TP rank, and the duplicated mode's TP all-gather of split params."""
+    dp = len(layout.loads)
+    cost = Cost.empty(dp * tp)
+    for p in params:
+        d = layout.shard_of[p.name]
+        for t in range(tp):
+            cost.ns_flops[t + tp * d] += p.flops
+            cost.ns_calls[t + tp * d] += p.matrices
+            if p.tp_split:
+                for peer in range(tp):
+                    if peer != t:
+                        cost.flows[(t + tp * d, peer + tp * d)] += wire_bytes * p.numel
+    return cost

@@ -1,0 +1,192 @@
+"""Parallel layouts and the shard views production builds for them.
+
+Planned by production's own planner (``muon_ds.plan.plan_groups``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from benchmarks.scale_model.specs import Model, ParamSpec, transformer_params
+from muon_ds.config import MuonConfig
+from muon_ds.layout import NOT_SPLIT, RowBlock, ShardView, TensorParallel, gated_blocks, qkv_blocks
+from muon_ds.plan import NsLedger, Plan, plan_groups
+from muon_ds.testing.zero1 import even_split
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    tp: int = 1
+    ep: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // self.tp
+
+    @property
+    def expert_dp(self) -> int:
+        return self.gpus // self.ep
+
+    def label(self) -> str:
+        return f"DP{self.dp}xTP{self.tp}" + (f", EP{self.ep} (EDP{self.expert_dp})" * (self.ep > 1))
+
+
+def check_layout(model: Model, layout: Layout, gpus_per_node: int) -> None:
+    """Refuse layouts the shards cannot describe, naming what is wrong and what is allowed."""
+    s = model.shape
+    problems = []
+    if layout.gpus < 1 or layout.tp < 1 or layout.ep < 1:
+        problems.append("gpus, tp and ep must be >= 1")
+    elif layout.gpus % layout.tp or gpus_per_node % layout.tp:
+        problems.append(f"tp={layout.tp} must divide gpus and gpus_per_node={gpus_per_node}")
+    elif layout.gpus % layout.ep:
+        problems.append(f"ep={layout.ep} must divide gpus={layout.gpus}")
+    if layout.ep > 1 and (not s.experts or s.experts % layout.ep):
+        problems.append(f"ep={layout.ep} must divide the {s.experts} routed experts")
+    if layout.tp > 1:
+        sizes = {"heads": s.heads, "ffn": s.ffn, "hidden": s.hidden}
+        if model.mla is None:
+            sizes["query_groups"] = s.query_groups
+        if s.shared_experts:
+            sizes["shared expert ffn"] = s.shared_experts * s.expert_ffn
+        problems += [
+            f"tp={layout.tp} must divide {k}={v}" for k, v in sizes.items() if v % layout.tp
+        ]
+    if problems:
+        raise ValueError(f"{model.key} on {layout}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class LocalParam:
+    """A Muon param as one TP rank holds it: the ``ShardView`` fields that do not vary."""
+
+    name: str
+    matrix_shape: tuple[int, int]
+    tp: TensorParallel
+    blocks: tuple[RowBlock, ...]
+    group: str
+
+
+def local_param(spec: ParamSpec, model: Model, tp: int, tp_rank: int) -> LocalParam:
+    rows, cols = spec.shape
+    split = spec.tp_dim is not None and tp > 1
+    if split:
+        rows, cols = (rows // tp, cols) if spec.tp_dim == 0 else (rows, cols // tp)
+    blocks: tuple[RowBlock, ...] = ()
+    if spec.fused == "gated":
+        blocks = gated_blocks(rows)
+    elif spec.fused == "qkv":
+        s = model.shape
+        blocks = qkv_blocks(s.query_groups // tp, s.heads // s.query_groups, s.head_dim)
+    group = "expert" if spec.expert is not None else "dense_tp" if split else "dense"
+    tp_split = TensorParallel(tp_rank, tp, spec.tp_dim) if split else NOT_SPLIT
+    return LocalParam(spec.name, (rows, cols), tp_split, blocks, group)
+
+
+def zero1_views(params: Sequence[LocalParam], ranks: int) -> list[list[ShardView]]:
+    """ZeRO-1: the params concatenated into one flat buffer, split evenly over ``ranks``."""
+    numels = [p.matrix_shape[0] * p.matrix_shape[1] for p in params]
+    return [
+        [
+            ShardView(
+                params[s.param].name,
+                params[s.param].matrix_shape,
+                s.start,
+                s.end,
+                0,
+                s.offset,
+                tp=params[s.param].tp,
+                blocks=params[s.param].blocks,
+                group=params[s.param].group,
+            )
+            for s in rank
+        ]
+        for rank in even_split(numels, ranks)
+    ]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One exchange group: every copy's views and global ranks.
+
+    Copy ``k``'s group rank ``i`` holds ``views[k][i]`` and is global rank
+    ``replicas[k][i]``. ``copies`` says the copies hold the same matrices (TP copies of
+    replicated params, sharing one views object) rather than different ones (the experts
+    of different EP ranks).
+    """
+
+    name: str
+    views: tuple[tuple[tuple[ShardView, ...], ...], ...]
+    replicas: tuple[tuple[int, ...], ...]
+    copies: bool
+
+
+def build_groups(model: Model, layout: Layout) -> list[Group]:
+    """The exchange groups of ``layout``, every copy with its own views."""
+    specs = [s for s in transformer_params(model) if s.muon]
+    tp, dp, ep = layout.tp, layout.dp, layout.ep
+    groups = []
+    # Dense buffer: TP rank t's dense Muon params; its DP rank d is global rank t + tp * d.
+    by_tp = [
+        zero1_views([local_param(s, model, tp, t) for s in specs if s.expert is None], dp)
+        for t in range(tp)
+    ]
+    tp_split = tuple(
+        tuple(v for v in by_tp[t][d] if v.group == "dense_tp") for d in range(dp) for t in range(tp)
+    )
+    if any(tp_split):
+        groups.append(Group("dense_tp", (tp_split,), (tuple(range(layout.gpus)),), copies=False))
+    # Every TP rank's buffer has the same TP-local sizes, so its replicated params sit at
+    # the same places: TP rank 0's views are every TP rank's.
+    whole = tuple(tuple(v for v in by_tp[0][d] if v.group == "dense") for d in range(dp))
+    if any(whole):
+        replicas = tuple(tuple(t + tp * d for d in range(dp)) for t in range(tp))
+        groups.append(Group("dense", (whole,) * tp, replicas, copies=True))
+    if model.shape.experts:
+        local = model.shape.experts // ep
+        views = tuple(
+            tuple(
+                map(
+                    tuple,
+                    zero1_views(
+                        [
+                            local_param(s, model, 1, 0)
+                            for s in specs
+                            if s.expert is not None and s.expert // local == e
+                        ],
+                        layout.expert_dp,
+                    ),
+                )
+            )
+            for e in range(ep)
+        )
+        replicas = tuple(tuple(e + ep * j for j in range(layout.expert_dp)) for e in range(ep))
+        groups.append(Group("expert", views, replicas, copies=False))
+    return groups
+
+
+def plan_muon_ds(
+    groups: Sequence[Group], config: MuonConfig, wire_bytes: int
+) -> tuple[dict[str, list[Plan]], list[int]]:
+    """Every copy of every group planned by production's own ``plan_groups``.
+
+    One ledger per model, as muon_ds's Megatron adapter keeps: the dense optimizer's core
+    plans "dense" then "dense_tp", the expert optimizer's core "expert" (sorted names give
+    this order), each group's copies in sorted order of their global ranks, each plan
+    balanced against the Newton-Schulz FLOPs its ranks already own. Returns each group's
+    plans in ``replicas`` order and the ledger (FLOPs per global rank).
+    """
+    world = 1 + max(r for g in groups for ranks in g.replicas for r in ranks)
+    ledger = NsLedger()
+    planned = plan_groups(
+        {g.name: dict(zip(g.replicas, g.views, strict=True)) for g in groups},
+        ledger,
+        ns_steps=config.ns_steps,
+        imbalance_limit=config.owner_imbalance_limit,
+        bucket_bytes=int(config.exchange_bucket_mb * 2**20),
+        wire_bytes=wire_bytes,
+    )
+    plans = {g.name: [planned[g.name, ranks] for ranks in g.replicas] for g in groups}
+    return plans, ledger.of(range(world))
