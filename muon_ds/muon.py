@@ -192,17 +192,4 @@ def _split_by_route(params: ParamsT, config: MuonConfig) -> list[dict[str, Any]]
         return group_key(name, param, config)
 
     # torch.optim keeps (name, tensor) pairs as each group's "param_names".
-    groups = [g for user_group in user_groups for g in split_param_group(user_group, key_of)]
-    unnamed_matrices = sum(
-        not isinstance(member, tuple)
-        for group in groups
-        if group["algorithm"] == "muon"
-        for member in group["params"]
-    )
-    if unnamed_matrices:
-        logger.info(
-            "muon_ds: %d unnamed matrices routed to Muon by shape; pass named_parameters() "
-            "so embeddings and the output head are recognised",
-            unnamed_matrices,
-        )
-    return groups
+    return [g for user_group in user_groups for g in split_param_group(user_group, key_of)]

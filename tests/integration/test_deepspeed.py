@@ -708,12 +708,12 @@ def versus(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
     return run_ranks(request.param, _versus_deepspeed_muon, timeout=900)
 
 
-VERSUS_TOLERANCE = 0.2
+VERSUS_TOLERANCE = 0.15
 """Relative difference of the summed updates allowed between muon_ds (fp32 Newton-Schulz)
-and DeepSpeed's Muon (bf16 Newton-Schulz on CPU): bf16 keeps 8 bits, and Newton-Schulz
+and DeepSpeed's Muon (bf16 Newton-Schulz on CPU). bf16 keeps 8 bits, and Newton-Schulz
 lifts a near-low-rank gradient's tiny singular values, where that rounding lives, to about
-1 (one step measured 3-11% apart). A wrong momentum form moves whole directions: the
-Nesterov-free run is checked to land beyond twice this."""
+1. Measured over 4 steps at DP 2 and 4: 2-8% apart, against 29-38% for muon_ds without
+Nesterov."""
 
 
 def test_same_updates_over_several_steps_as_deepspeed_muon(versus) -> None:
