@@ -33,7 +33,6 @@ class CommCounter:
     bytes_sent: Counter = field(default_factory=Counter)
     calls: Counter = field(default_factory=Counter)
     ns_matrices: int = 0
-    ns_launches: int = 0
     ns_flops: int = 0
 
     def record(self, op: str, group: str, nbytes: int) -> None:
@@ -47,7 +46,7 @@ class CommCounter:
     def reset(self) -> None:
         self.bytes_sent.clear()
         self.calls.clear()
-        self.ns_matrices = self.ns_launches = self.ns_flops = 0
+        self.ns_matrices = self.ns_flops = 0
 
 
 Orthogonalize = Callable[[torch.Tensor], torch.Tensor]
@@ -68,12 +67,17 @@ Deliver = Callable[[MatrixPlan, Slot, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
-class LocalRun:
-    """Where a TP-local flat range of one parameter lives in this rank's buffers."""
+class HeldRange:
+    """Where this rank's flat range of one (TP-local) parameter lies in its buffers."""
 
     buffer: int
+    """Index of the buffer holding it."""
+
     offset: int
+    """Position of the range's first element in that buffer."""
+
     start: int
+    """Flat index in the parameter of that first element."""
 
 
 class Exchange:
@@ -91,7 +95,7 @@ class Exchange:
         rank: int,
         group: dist.ProcessGroup | None,
         group_name: str,
-        locate: dict[tuple[str, int], LocalRun],
+        locate: dict[tuple[str, int], HeldRange],
         wire_dtype: torch.dtype,
         counter: CommCounter,
     ) -> None:
@@ -137,16 +141,18 @@ class Exchange:
             work.wait()
             for piece, values in self._split(returned, self.transfers[b].send).items():
                 matrix = plan.matrices[piece.matrix]
-                deliver(matrix, self._where(matrix.name, piece), values)
+                deliver(matrix, self._slot_of(matrix.name, piece), values)
 
-    def _where(self, name: str, piece: Piece) -> Slot:
+    def _slot_of(self, name: str, piece: Piece) -> Slot:
         run = self.locate[(name, piece.tp_rank)]
         begin = run.offset + piece.lo - run.start
         return Slot(run.buffer, begin, begin + piece.numel)
 
-    def _slot(self, buffers: Sequence[torch.Tensor], name: str, piece: Piece) -> torch.Tensor:
-        where = self._where(name, piece)
-        return buffers[where.buffer][where.begin : where.end]
+    def _piece_values(
+        self, buffers: Sequence[torch.Tensor], name: str, piece: Piece
+    ) -> torch.Tensor:
+        slot = self._slot_of(name, piece)
+        return buffers[slot.buffer][slot.begin : slot.end]
 
     def _all_to_all(
         self, op: str, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]
@@ -163,7 +169,7 @@ class Exchange:
     ) -> tuple[dist.Work, torch.Tensor]:
         transfer = self.transfers[bucket]
         chunks = [
-            self._slot(directions, self.plan.matrices[p.matrix].name, p)
+            self._piece_values(directions, self.plan.matrices[p.matrix].name, p)
             for pieces in transfer.send
             for p in pieces
         ]
@@ -202,7 +208,6 @@ class Exchange:
             by_shape.setdefault((matrix.rows, matrix.cols), []).append(matrix)
         for group in by_shape.values():
             result = orthogonalize(self._assemble(group, incoming, directions))
-            self.counter.ns_launches += 1
             self.counter.ns_matrices += len(group)
             self.counter.ns_flops += sum(m.flops for m in group)
             for matrix, orthogonal in zip(group, result, strict=True):
@@ -210,7 +215,7 @@ class Exchange:
                 for piece in matrix.pieces:
                     values = flat[piece.staging : piece.staging + piece.numel]
                     if piece.holder == self.rank:
-                        deliver(matrix, self._where(matrix.name, piece), values)
+                        deliver(matrix, self._slot_of(matrix.name, piece), values)
                     else:
                         outgoing[piece] = values
 
@@ -232,7 +237,7 @@ class Exchange:
         for matrix, row in zip(group, staging, strict=True):
             for piece in matrix.pieces:
                 source = (
-                    self._slot(directions, matrix.name, piece)
+                    self._piece_values(directions, matrix.name, piece)
                     if piece.holder == self.rank
                     else incoming[piece]
                 )

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from muon_ds.agreement import check_agreement, local_problem
 from muon_ds.closure import loss_from_closure
-from muon_ds.comm import CommCounter, Exchange, LocalRun, Slot, all_ranks_finite
+from muon_ds.comm import CommCounter, Exchange, HeldRange, Slot, all_ranks_finite
 from muon_ds.config import MuonConfig
 from muon_ds.device import resolve_ns_dtype
 from muon_ds.kernels import orthogonalize
@@ -146,7 +146,7 @@ class ShardedMuonCore:
                 continue
             plans[key] = plan
             locate = {
-                (v.name, v.tp.rank): LocalRun(v.buffer, v.offset, v.start)
+                (v.name, v.tp.rank): HeldRange(v.buffer, v.offset, v.start)
                 for v in self.views
                 if v.group == key and v.route == "muon"
             }
@@ -171,8 +171,10 @@ class ShardedMuonCore:
 
     # -- step -------------------------------------------------------------------------
 
-    def run(self, hyper: Sequence[tuple[float, float]], state: MutableMapping[Any, Any]) -> bool:
-        """One step; ``hyper[i]`` is buffer i's (lr, weight_decay). False if skipped.
+    def run(
+        self, lr_and_decay: Sequence[tuple[float, float]], state: MutableMapping[Any, Any]
+    ) -> bool:
+        """One step; ``lr_and_decay[i]`` is buffer i's (lr, weight_decay). False if skipped.
 
         Reads each buffer's ``.grad`` (a missing one counts as zero: ZeRO's averaged
         gradient of an unused parameter). A non-finite gradient on any rank skips the
@@ -184,14 +186,14 @@ class ShardedMuonCore:
             return False
         for index, buffer in enumerate(self.buffers):
             if self.algorithms[index] == "adamw":
-                self._adamw_step(buffer, grads[index], *hyper[index], state[buffer])
-        self._muon_step(grads, hyper, state)
+                self._adamw_step(buffer, grads[index], *lr_and_decay[index], state[buffer])
+        self._muon_step(grads, lr_and_decay, state)
         return True
 
     def _muon_step(
         self,
         grads: list[torch.Tensor],
-        hyper: Sequence[tuple[float, float]],
+        lr_and_decay: Sequence[tuple[float, float]],
         state: MutableMapping[Any, Any],
     ) -> None:
         cfg = self.config
@@ -209,7 +211,7 @@ class ShardedMuonCore:
         # Decoupled decay first, as W (1 - lr wd) - lr scale O in the single-process rule.
         for view in self.views:
             if view.route == "muon":
-                lr, weight_decay = hyper[view.buffer]
+                lr, weight_decay = lr_and_decay[view.buffer]
                 shard = self.buffers[view.buffer][view.offset : view.offset + view.numel]
                 shard.mul_(1.0 - lr * weight_decay)
 
@@ -217,7 +219,7 @@ class ShardedMuonCore:
             scale = update_scale(matrix.rows, matrix.cols, cfg.scale_mode)
             shard = self.buffers[slot.buffer][slot.begin : slot.end]
             # In-place add upcasts the NS-dtype values itself: no fp32 temporary per piece.
-            shard.add_(values, alpha=-hyper[slot.buffer][0] * scale)
+            shard.add_(values, alpha=-lr_and_decay[slot.buffer][0] * scale)
 
         for exchange in self._exchanges:
             exchange.run(directions, lambda batch: orthogonalize(batch, cfg), deliver)
@@ -289,8 +291,10 @@ class ShardedMuon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = loss_from_closure(closure)
-        hyper = [(g["lr"], g["weight_decay"]) for g in self.param_groups for _ in g["params"]]
-        self.last_step_skipped = not self.core.run(hyper, self.state)
+        lr_and_decay = [
+            (g["lr"], g["weight_decay"]) for g in self.param_groups for _ in g["params"]
+        ]
+        self.last_step_skipped = not self.core.run(lr_and_decay, self.state)
         if self.last_step_skipped:
             self.skipped_steps += 1
             logger.warning(
