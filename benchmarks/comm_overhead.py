@@ -2,7 +2,7 @@
 
 One command trains every contender on the same model, ranks, seed and tokens, each run in
 fresh processes (one per rank) with torch.distributed's collectives wrapped by
-``benchmarks.collectives`` before any framework starts, and reports per contender, model
+``muon_ds.testing.collectives`` before any framework starts, and reports per contender, model
 and layout:
 
 * bytes per step by collective (payload and ring-model wire bytes, per rank and summed
@@ -139,7 +139,7 @@ def _rank_main(
         os.dup2(log.fileno(), 2)
     try:
         torch.set_num_threads(threads)
-        from benchmarks import collectives
+        from muon_ds.testing import collectives
 
         collectives.install()
         module = importlib.import_module(run.module)
