@@ -20,6 +20,7 @@ NS_COEFFICIENT_SETS = ("moonlight", "polar_express")
 SCALE_MODES = ("moonlight", "keller", "spectral", "none")
 NS_DTYPES = ("auto", *NS_DTYPE_BY_NAME)
 NS_BACKENDS = ("auto", "torch", "triton")
+NS_ALGORITHMS = ("standard", "gram", "auto")
 
 
 ADAM_KEY_ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps"}
@@ -72,6 +73,14 @@ class MuonConfig:
     else the torch reference; ``torch``: always the reference; ``triton``: the kernel,
     error if unavailable."""
 
+    ns_algorithm: str = "standard"
+    """``standard``: iterate on the matrix; ``gram``: the same polynomial through the short
+    side's Gram matrix (``muon_ds.math.gram_newton_schulz``: fewer FLOPs once the long side
+    passes 1.5 x the short one); ``auto``: Gram exactly where it takes fewer FLOPs. Gram runs
+    on the torch path (the Triton kernel implements the standard iteration), so it does not
+    combine with ``ns_backend="triton"``; with ``auto`` the kernel keeps the standard
+    matrices."""
+
     scale_mode: str = "moonlight"
     """Update scale for an [A, B] matrix: ``moonlight`` 0.2*sqrt(max(A, B)),
     ``keller`` sqrt(max(1, A/B)), ``spectral`` sqrt(max(A, B)), ``none`` 1."""
@@ -118,6 +127,14 @@ class MuonConfig:
         _check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
         _check_number("ns_eps", self.ns_eps, low=0.0, low_open=True)
         _check_choice("ns_backend", self.ns_backend, NS_BACKENDS)
+        _check_choice("ns_algorithm", self.ns_algorithm, NS_ALGORITHMS)
+        if self.ns_backend == "triton" and self.ns_algorithm != "standard":
+            raise MuonConfigError(
+                f"ns_algorithm={self.ns_algorithm!r} is not allowed with ns_backend='triton': "
+                "the Triton kernel implements the standard iteration only; use "
+                "ns_backend='auto' (Gram on the torch path, the kernel for the rest) or "
+                "ns_algorithm='standard'"
+            )
         _check_choice("scale_mode", self.scale_mode, SCALE_MODES)
         betas = self.adamw_betas
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -219,6 +236,7 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 __all__ = [
     "ADAM_KEY_ALIASES",
+    "NS_ALGORITHMS",
     "NS_BACKENDS",
     "NS_COEFFICIENT_SETS",
     "NS_DTYPES",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from muon_ds.layout import ShardView
-from muon_ds.math.newton_schulz import newton_schulz_flops
+from muon_ds.math.gram_newton_schulz import ns_flops
 
 
 class PlanError(ValueError):
@@ -68,7 +68,7 @@ class MatrixPlan:
 
 
 def logical_matrices(
-    views_by_rank: Sequence[Sequence[ShardView]], ns_steps: int
+    views_by_rank: Sequence[Sequence[ShardView]], ns_steps: int, ns_algorithm: str = "standard"
 ) -> list[MatrixPlan]:
     """Group views by parameter, check they tile it, cut it into matrices (no owners yet)."""
     by_name: dict[str, list[tuple[int, ShardView]]] = defaultdict(list)
@@ -78,12 +78,12 @@ def logical_matrices(
                 by_name[view.name].append((rank, view))
     matrices: list[MatrixPlan] = []
     for name in sorted(by_name):
-        matrices += _split_param(name, by_name[name], ns_steps)
+        matrices += _split_param(name, by_name[name], ns_steps, ns_algorithm)
     return matrices
 
 
 def _split_param(
-    name: str, holders: list[tuple[int, ShardView]], ns_steps: int
+    name: str, holders: list[tuple[int, ShardView]], ns_steps: int, ns_algorithm: str
 ) -> list[MatrixPlan]:
     first = holders[0][1]
     tp_size, tp_dim = first.tp.size, first.tp.dim
@@ -144,7 +144,7 @@ def _split_param(
                     if a < b:
                         pieces.append(Piece(-1, rank, t, a, b, staging + a - lo))
                 staging += hi - lo
-        flops = newton_schulz_flops(rows, cols, ns_steps)
+        flops = ns_flops(rows, cols, ns_steps, ns_algorithm)
         matrices.append(
             MatrixPlan(name, key, rows, cols, tp_size, tp_dim, -1, flops, tuple(pieces))
         )

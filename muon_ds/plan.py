@@ -105,9 +105,11 @@ def build_plan(
     bucket_bytes: int,
     wire_bytes: int,
     prior_flops: Sequence[int] | None = None,
+    ns_algorithm: str = "standard",
 ) -> Plan:
     """Plan the exchange of one group from every rank's Muon shard views.
 
+    ``ns_algorithm`` (``MuonConfig.ns_algorithm``) decides each matrix's FLOPs.
     ``prior_flops[r]``: Newton-Schulz FLOPs group rank ``r`` already owns in other plans,
     balanced against together with this group's (zeros when omitted).
     """
@@ -115,7 +117,7 @@ def build_plan(
     prior = list(prior_flops) if prior_flops is not None else [0] * world
     if len(prior) != world or any(f < 0 for f in prior):
         raise PlanError(f"prior_flops={prior} must hold one count >= 0 per rank ({world})")
-    unowned = logical_matrices(views_by_rank, ns_steps)
+    unowned = logical_matrices(views_by_rank, ns_steps, ns_algorithm)
     owners = _assign_owners(unowned, prior, imbalance_limit)
     matrices = tuple(
         dataclasses.replace(
@@ -176,6 +178,7 @@ def plan_groups(
     imbalance_limit: float,
     bucket_bytes: int,
     wire_bytes: int,
+    ns_algorithm: str = "standard",
 ) -> dict[tuple[str, tuple[int, ...]], Plan]:
     """Plan every exchange group of a model, balancing against ``ledger`` and charging it.
 
@@ -194,6 +197,7 @@ def plan_groups(
                     bucket_bytes=bucket_bytes,
                     wire_bytes=wire_bytes,
                     prior_flops=ledger.of(ranks),
+                    ns_algorithm=ns_algorithm,
                 )
             except PlanError as error:
                 raise PlanError(f"group {name!r} (ranks {list(ranks)}): {error}") from None

@@ -135,6 +135,7 @@ class ShardedMuonCore:
             views,
             ledger,
             ns_steps=self.config.ns_steps,
+            ns_algorithm=self.config.ns_algorithm,
             imbalance_limit=self.config.owner_imbalance_limit,
             bucket_bytes=int(self.config.exchange_bucket_mb * 2**20),
             wire_bytes=self.ns_dtype.itemsize,

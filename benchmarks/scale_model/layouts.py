@@ -184,6 +184,7 @@ def plan_muon_ds(
         {g.name: dict(zip(g.replicas, g.views, strict=True)) for g in groups},
         ledger,
         ns_steps=config.ns_steps,
+        ns_algorithm=config.ns_algorithm,
         imbalance_limit=config.owner_imbalance_limit,
         bucket_bytes=int(config.exchange_bucket_mb * 2**20),
         wire_bytes=wire_bytes,

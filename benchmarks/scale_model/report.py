@@ -17,7 +17,7 @@ from benchmarks.scale_model.specs import (
     MUON_BYTES_PER_ELEMENT,
 )
 from benchmarks.scale_model.timing import RATE_HELP, SCHEMES, Rates, model_layout
-from muon_ds.config import MuonConfig
+from muon_ds.config import NS_ALGORITHMS, MuonConfig
 from muon_ds.device import choose_ns_dtype
 
 LADDER = (8, 64, 256, 512, 1024)
@@ -158,10 +158,16 @@ def main() -> None:
         help="model:gpus[:tp[:ep]], repeatable; default: a ladder of 8..1024 GPUs per model",
     )
     parser.add_argument(
+        "--ns-algorithm",
+        choices=NS_ALGORITHMS,
+        default="standard",
+        help="muon_ds's Newton-Schulz algorithm (MuonConfig.ns_algorithm; default standard)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("out/scale_model"), help="writes OUT.json and OUT.png"
     )
     args = parser.parse_args()
-    config = MuonConfig()
+    config = MuonConfig(ns_algorithm=args.ns_algorithm)
     layouts = args.layout or DEFAULT_LAYOUTS
     try:
         rates = Rates(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Rates)})
@@ -177,7 +183,8 @@ def main() -> None:
     print(
         f"  Muon: {config.ns_steps} NS steps, {wire} on the wire (ns_dtype "
         f"{config.ns_dtype!r} on {MODELLED_BF16_UNITS}), owner imbalance "
-        f"limit {config.owner_imbalance_limit}, buckets of {config.exchange_bucket_mb:g} MiB"
+        f"limit {config.owner_imbalance_limit}, buckets of {config.exchange_bucket_mb:g} MiB, "
+        f"ns_algorithm {config.ns_algorithm!r}"
     )
     for key in dict.fromkeys(k for k, _ in layouts):
         print(f"  {key}: {MODELS[key].description}")

@@ -14,14 +14,26 @@ from collections.abc import Callable
 import torch
 
 from muon_ds.config import MuonConfig
-from muon_ds.device import resolve_ns_dtype
+from muon_ds.device import gram_chain_dtype, resolve_ns_dtype
 from muon_ds.math import newton_schulz
+from muon_ds.math.gram_newton_schulz import gram_newton_schulz, uses_gram
 
 
 def orthogonalize(batch: torch.Tensor, config: MuonConfig) -> torch.Tensor:
     """Newton-Schulz of a ``[k, m, n]`` stack (or one ``[m, n]`` matrix) as ``config`` says,
-    in ``config.ns_dtype`` resolved for the batch's device."""
+    in ``config.ns_dtype`` resolved for the batch's device; through the Gram matrix where
+    ``config.ns_algorithm`` says so for this shape (the planner counts the same FLOPs)."""
     dtype = resolve_ns_dtype(config.ns_dtype, batch.device)
+    rows, cols = batch.shape[-2:]
+    if uses_gram(rows, cols, config.ns_steps, config.ns_algorithm):
+        return gram_newton_schulz(
+            batch,
+            steps=config.ns_steps,
+            coefficients=config.ns_coefficients,
+            eps=config.ns_eps,
+            dtype=dtype,
+            chain_dtype=gram_chain_dtype(dtype, batch.device),
+        )
     return _implementation(batch, config, dtype)(
         batch,
         steps=config.ns_steps,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from muon_ds.config import NS_DTYPES, MuonConfig
+from muon_ds.config import NS_ALGORITHMS, NS_DTYPES, MuonConfig
 from muon_ds.megatron.views import QkvSplit, TpMode
 
 _MEGATRON_DEFAULTS = "muon_ds_megatron_defaults"
@@ -70,6 +70,12 @@ def add_muon_ds_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         choices=NS_DTYPES,
         help="muon_ds: Newton-Schulz and exchange dtype (default auto: bf16 where the device "
         "multiplies bf16 natively, else fp32; --muon-fp32-matmul-prec high means float32)",
+    )
+    group.add_argument(
+        "--muon-ns-algorithm",
+        choices=NS_ALGORITHMS,
+        help="muon_ds: Newton-Schulz on the matrix (standard, the default) or through its "
+        "Gram matrix (gram; auto: where that takes fewer FLOPs)",
     )
     group.add_argument(
         "--muon-ns-backend",
@@ -152,6 +158,7 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
         "ns_steps": args.muon_num_ns_steps,
         "ns_eps": args.muon_ns_eps,
         "ns_backend": args.muon_ns_backend,
+        "ns_algorithm": args.muon_ns_algorithm,
         "adamw_eps": args.adam_eps,
         "muon_patterns": args.muon_patterns,
         "adamw_patterns": args.muon_adamw_patterns,

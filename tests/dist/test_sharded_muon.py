@@ -54,8 +54,10 @@ CONFIGS = {
     "locality": MuonConfig(ns_dtype="bfloat16", owner_imbalance_limit=1e9),
     # About 100 bytes per bucket: one matrix per bucket, so gathers overlap Newton-Schulz.
     "small_buckets": MuonConfig(ns_dtype="bfloat16", exchange_bucket_mb=1e-4),
+    # Every matrix through its Gram matrix (the reference runs the same algorithm).
+    "gram": MuonConfig(ns_dtype="bfloat16", ns_algorithm="gram"),
 }
-TOLERANCE = {"fp32": FP32_TOL, "bf16": 0.0, "locality": 0.0, "small_buckets": 0.0}
+TOLERANCE = {"fp32": FP32_TOL, "bf16": 0.0, "locality": 0.0, "small_buckets": 0.0, "gram": 0.0}
 
 
 def _reference(shapes: dict[str, tuple[int, ...]], config: MuonConfig) -> dict[str, torch.Tensor]:

@@ -79,6 +79,12 @@ def test_passed_megatron_muon_flags_keep_their_meaning(monkeypatch) -> None:
     )
 
 
+@pytest.mark.parametrize("algorithm", ["standard", "gram", "auto"])
+def test_ns_algorithm_flag_sets_the_config(monkeypatch, algorithm: str) -> None:
+    args = _parse(monkeypatch, *MUON, "--muon-ns-algorithm", algorithm)
+    assert muon_config_from_args(args).ns_algorithm == algorithm
+
+
 def test_distributed_optimizer_is_kept_instead_of_the_layer_wise_rewrite(monkeypatch) -> None:
     args = _parse(monkeypatch, *MUON)
     assert (args.use_distributed_optimizer, args.use_layer_wise_distributed_optimizer) == (

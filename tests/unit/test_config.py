@@ -59,6 +59,7 @@ ERROR_CASES: list[tuple[str, Any, str]] = [
     ("adamw_patterns", [None], "expected a list of name patterns (strings)"),
     ("adamw_patterns", None, "expected a list of name patterns (strings)"),
     ("ns_backend", "cuda", "expected one of ['auto', 'torch', 'triton']"),
+    ("ns_algorithm", "polar", "expected one of ['standard', 'gram', 'auto']"),
     ("owner_imbalance_limit", 0.9, "expected a number in [1.0, inf)"),
     ("owner_imbalance_limit", "1.1", "expected a number in [1.0, inf)"),
     ("exchange_bucket_mb", 0, POSITIVE),
@@ -84,6 +85,16 @@ def test_invalid_value_error_names_key_value_and_allowed(
         MuonConfig.from_dict({key: value})
     with pytest.raises(MuonConfigError, match=_message(key, value, allowed)):
         MuonConfig(**{key: value})
+
+
+@pytest.mark.parametrize("algorithm", ["gram", "auto"])
+def test_gram_with_the_triton_backend_is_refused_naming_both_ways_out(algorithm: str) -> None:
+    with pytest.raises(MuonConfigError) as refused:
+        MuonConfig(ns_algorithm=algorithm, ns_backend="triton")
+    message = str(refused.value)
+    assert f"ns_algorithm={algorithm!r} is not allowed with ns_backend='triton'" in message
+    assert "ns_backend='auto'" in message
+    assert "ns_algorithm='standard'" in message
 
 
 def test_every_field_has_an_error_case() -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from muon_ds.comm import _stage, _unstage
 from muon_ds.layout import RowBlock, ShardView, TensorParallel, expert_blocks
 from muon_ds.math import newton_schulz_flops
+from muon_ds.math.gram_newton_schulz import ns_flops
 from muon_ds.plan import NsLedger, PlanError, build_plan, plan_groups
 from muon_ds.testing.zero1 import even_split
 
@@ -315,3 +316,23 @@ def test_a_group_that_cannot_be_planned_is_named_with_its_ranks():
             bucket_bytes=64,
             wire_bytes=2,
         )
+
+
+@pytest.mark.parametrize("algorithm", ["standard", "gram", "auto"])
+def test_each_matrix_counts_the_flops_of_the_algorithm_that_runs_it(algorithm: str) -> None:
+    """The planner balances and predicts what ``orthogonalize`` will run: Gram where
+    ``ns_algorithm`` takes it for the shape ("auto": the 1:2 KV projection, not the square
+    attention matrices or the 1:1.45 experts)."""
+    views = _zero1_views(MOE_LAYER[:9], 4)
+    plan = build_plan(
+        views,
+        ns_steps=5,
+        imbalance_limit=1.1,
+        bucket_bytes=2**26,
+        wire_bytes=2,
+        ns_algorithm=algorithm,
+    )
+    expected = sum(ns_flops(r, c, 5, algorithm) for _, r, c in MOE_LAYER[:9])
+    assert sum(plan.ns_flops(rank) for rank in range(4)) == expected
+    if algorithm == "auto":
+        assert expected < sum(newton_schulz_flops(r, c, 5) for _, r, c in MOE_LAYER[:9])

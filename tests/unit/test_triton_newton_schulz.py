@@ -237,7 +237,7 @@ def test_auto_takes_the_kernel_on_cuda_only_where_auto_resolves_to_bf16(
         monkeypatch.setattr(
             module, name, lambda batch, *, dtype, _l=label, **_: calls.append((_l, dtype))
         )
-    batch = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    batch = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), shape=(2, 8, 24))
     orthogonalize(batch, MuonConfig())  # type: ignore[arg-type]
     assert calls == [expected]
 
