@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from muon_ds.math import coefficient_schedule, newton_schulz
-from muon_ds.math.newton_schulz import as_wide_stack
+from muon_ds.math import coefficient_schedule
+from muon_ds.math.newton_schulz import normalized_wide_stack
 
 INTERPRETED: bool = triton.knobs.runtime.interpret
 """Whether this module's kernels run in Triton's CPU interpreter. Read at import, like
@@ -286,16 +286,11 @@ def newton_schulz_triton(
     """``muon_ds.math.newton_schulz`` (same arguments, same result up to rounding) on the
     fused kernels: ``matrix`` on a CUDA device, or anywhere under the interpreter.
 
-    The reference run with zero steps is exactly its own normalisation (cast, Frobenius
-    norm times the set's safety factor, plus ``eps``): reusing it keeps those constants in
-    one place. The short side is then made the rows and the stack made contiguous.
+    Normalised and stacked short side first as the reference does
+    (``normalized_wide_stack``), the stack made contiguous for the kernels.
     """
     schedule = coefficient_schedule(coefficients, steps)
-    x = newton_schulz(matrix, steps=0, coefficients=coefficients, eps=eps, dtype=dtype)
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:
-        x = x.mT
-    x, restore = as_wide_stack(x)
+    x, restore = normalized_wide_stack(matrix, coefficients=coefficients, eps=eps, dtype=dtype)
     x = x.contiguous()
     k, m, _ = x.shape
     gram = x.new_empty(k, m, m)
@@ -305,5 +300,4 @@ def newton_schulz_triton(
         symmetric_product(x, gram)
         symmetric_product(gram, poly, alpha=c, beta=b, add=gram)  # A A = A Aᵀ: A symmetric
         x, spare = matmul_add(poly, x, spare, alpha=a), x
-    x = restore(x)
-    return x.mT if transposed else x
+    return restore(x)

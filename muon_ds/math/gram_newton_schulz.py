@@ -25,10 +25,9 @@ from collections.abc import Sequence
 import torch
 
 from muon_ds.math.newton_schulz import (
-    as_wide_stack,
     coefficient_schedule,
-    newton_schulz,
     newton_schulz_flops,
+    normalized_wide_stack,
 )
 
 RESTARTS = (2,)
@@ -51,11 +50,7 @@ def gram_newton_schulz(
     ``chain_dtype`` (default ``dtype``), restarts at the steps in ``restarts``."""
     chain_dtype = chain_dtype or dtype
     schedule = coefficient_schedule(coefficients, steps)
-    x = newton_schulz(matrix, steps=0, coefficients=coefficients, eps=eps, dtype=dtype)
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:
-        x = x.mT
-    x, restore = as_wide_stack(x)
+    x, restore = normalized_wide_stack(matrix, coefficients=coefficients, eps=eps, dtype=dtype)
     gram = (x @ x.mT).to(chain_dtype)
     product = None  # Q: the polynomials applied since the last restart, newest on the left
     for step, (a, b, c) in enumerate(schedule):
@@ -73,8 +68,7 @@ def gram_newton_schulz(
             gram = torch.baddbmm(scaled, poly, scaled, beta=a)  # P P A
     if product is not None:
         x = product.to(dtype) @ x
-    x = restore(x)
-    return x.mT if transposed else x
+    return restore(x)
 
 
 def gram_newton_schulz_flops(

@@ -101,6 +101,26 @@ def as_wide_stack(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor
     return x.reshape(-1, *shape[-2:]), lambda stacked: stacked.reshape(shape)
 
 
+def normalized_wide_stack(
+    matrix: torch.Tensor, *, coefficients: str, eps: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``matrix`` normalised as ``newton_schulz`` normalises it, short side first, as one
+    ``[k, m, n]`` stack; and the function that puts a result back in ``matrix``'s shape.
+
+    The normalisation is the reference's own zero-step run (cast, Frobenius norm times the
+    set's safety factor, plus ``eps``), so every implementation shares its constants.
+    """
+    x = newton_schulz(matrix, steps=0, coefficients=coefficients, eps=eps, dtype=dtype)
+    transposed = x.size(-2) > x.size(-1)
+    x, unstack = as_wide_stack(x.mT if transposed else x)
+
+    def restore(result: torch.Tensor) -> torch.Tensor:
+        result = unstack(result)
+        return result.mT if transposed else result
+
+    return x, restore
+
+
 def newton_schulz_flops(rows: int, cols: int, steps: int) -> int:
     """Multiply-add FLOPs of ``steps`` iterations on one rows x cols matrix (2 per MAC).
 
