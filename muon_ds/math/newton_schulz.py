@@ -67,18 +67,8 @@ def newton_schulz(
     Each matrix of the batch is normalised by its own Frobenius norm (plus ``eps``, so a
     zero matrix stays zero instead of becoming NaN), then iterated on its short side.
     """
-    if matrix.ndim < 2:
-        raise ValueError(
-            f"newton_schulz needs a matrix or a batch of matrices, got {matrix.ndim}-D"
-        )
     schedule = coefficient_schedule(coefficients, steps)
-    norm_factor = _SETS[coefficients][1]
-    x = matrix.to(dtype)
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:
-        x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * norm_factor + eps)
-    x, restore = as_wide_stack(x)
+    x, restore = normalized_wide_stack(matrix, coefficients=coefficients, eps=eps, dtype=dtype)
     for a, b, c in schedule:
         gram = x @ x.mT
         # b A + c A A and a X + B X each in one call: the products accumulate in fp32 and
@@ -87,38 +77,36 @@ def newton_schulz(
         # were a quarter of this function's CPU time).
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, poly, x, beta=a)
-    x = restore(x)
-    return x.mT if transposed else x
-
-
-def as_wide_stack(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """``x`` (``[..., m, n]``, m <= n) as one ``[k, m, n]`` stack, and the inverse reshape.
-
-    Batched matmuls (``baddbmm``, the Triton kernels) take exactly one batch dim; for 2-D
-    and 3-D inputs this is a view.
-    """
-    shape = x.shape
-    return x.reshape(-1, *shape[-2:]), lambda stacked: stacked.reshape(shape)
+    return restore(x)
 
 
 def normalized_wide_stack(
     matrix: torch.Tensor, *, coefficients: str, eps: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """``matrix`` normalised as ``newton_schulz`` normalises it, short side first, as one
-    ``[k, m, n]`` stack; and the function that puts a result back in ``matrix``'s shape.
+    """``matrix`` cast to ``dtype``, short side first, each matrix divided by its Frobenius
+    norm times the set's safety factor plus ``eps``, as one ``[k, m, n]`` stack; and the
+    function that puts a result back in ``matrix``'s shape and orientation.
 
-    The normalisation is the reference's own zero-step run (cast, Frobenius norm times the
-    set's safety factor, plus ``eps``), so every implementation shares its constants.
+    Every Newton-Schulz implementation (reference, Triton, Gram) starts here, so they
+    share the normalisation's constants. Batched matmuls (``baddbmm``, the kernels) take
+    exactly one batch dim; for 2-D and 3-D inputs the stack is a view.
     """
-    x = newton_schulz(matrix, steps=0, coefficients=coefficients, eps=eps, dtype=dtype)
+    if matrix.ndim < 2:
+        raise ValueError(
+            f"newton_schulz needs a matrix or a batch of matrices, got {matrix.ndim}-D"
+        )
+    x = matrix.to(dtype)
     transposed = x.size(-2) > x.size(-1)
-    x, unstack = as_wide_stack(x.mT if transposed else x)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * _SETS[coefficients][1] + eps)
+    shape = x.shape
 
-    def restore(result: torch.Tensor) -> torch.Tensor:
-        result = unstack(result)
+    def restore(stacked: torch.Tensor) -> torch.Tensor:
+        result = stacked.reshape(shape)
         return result.mT if transposed else result
 
-    return x, restore
+    return x.reshape(-1, *shape[-2:]), restore
 
 
 def newton_schulz_flops(rows: int, cols: int, steps: int) -> int:

@@ -114,7 +114,7 @@ def muon_config_from_args(args: argparse.Namespace) -> MuonConfig | None:
     Call after ``parse_and_validate_args``: a reused flag the user did not pass takes
     Moonlight's default, not Megatron's.
     """
-    if args.optimizer != "muon" or args.muon_impl != "muon_ds":
+    if not _selects_muon_ds(args):
         return None
     if not (args.use_distributed_optimizer or args.use_layer_wise_distributed_optimizer):
         raise ValueError("muon_ds: --optimizer muon needs --use-distributed-optimizer")
@@ -125,13 +125,17 @@ def settle_megatron_args(args: argparse.Namespace) -> None:
     """Write back what Megatron's own code must read: the ordinary distributed optimizer
     when muon_ds is selected, and Megatron's defaults (never None) in the reused flags the
     user did not pass. The readers above keep telling those flags from passed ones."""
-    if muon_config_from_args(args) is not None:
+    if _selects_muon_ds(args):
         args.use_distributed_optimizer = True
         args.use_layer_wise_distributed_optimizer = False
     unpassed = [dest for dest in _REUSED if getattr(_as_passed(args), dest) is None]
     setattr(args, _UNPASSED, unpassed)
     for dest in unpassed:
         setattr(args, dest, getattr(args, _MEGATRON_DEFAULTS)[dest])
+
+
+def _selects_muon_ds(args: argparse.Namespace) -> bool:
+    return args.optimizer == "muon" and args.muon_impl == "muon_ds"
 
 
 def _as_passed(args: argparse.Namespace) -> argparse.Namespace:
