@@ -40,12 +40,69 @@ class Piece:
 
 
 @dataclass(frozen=True)
-class MatrixPlan:
-    """One logical matrix: its shape, owner and pieces.
+class Segment:
+    """A rectangle of one matrix that a holder sends to the rank orthogonalising it.
 
-    The owner's staging buffer holds, TP rank after TP rank, that rank's blocks of the
-    matrix row after row. With ``tp_dim == 0`` (or no TP) it is the matrix itself,
-    ``[rows, cols]``; with ``tp_dim == 1`` it is ``[tp_size, rows, cols / tp_size]``.
+    ``rows x width`` elements: at the holder from flat index ``lo`` of its TP-local tensor
+    with row stride ``holder_stride``; at ``member`` from flat index ``staging`` of its
+    staging buffer with row stride ``staging_stride``. The update comes back the same way.
+    A whole-matrix owner's segments are its pieces (one row each).
+    """
+
+    matrix: int
+    holder: int
+    member: int
+    tp_rank: int
+    lo: int
+    staging: int
+    rows: int
+    width: int
+    holder_stride: int
+    staging_stride: int
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.width
+
+
+@dataclass(frozen=True)
+class Team:
+    """The ranks orthogonalising one matrix together, each a block of its long side.
+
+    Member ``members[j]`` holds long-side positions ``[cuts[j], cuts[j + 1])``: rows of a
+    tall matrix (``rows > cols``), else columns; its staging buffer is that block of the
+    logical matrix, row-major. Collectives per step (``muon_ds.math.team_newton_schulz``):
+    one sum of the ``m x m`` Gram matrix (after one fp32 sum for the norm) and, in
+    ``"split"`` mode, one gather of ``B``'s rows, in ascending rank order.
+    """
+
+    members: tuple[int, ...]
+    cuts: tuple[int, ...]
+    mode: str
+    member_flops: tuple[int, ...]
+    """Newton-Schulz FLOPs of each member, in ``members`` order."""
+    sum_bytes: int
+    """Bytes each member hands to the team sums per step of the optimizer (payload)."""
+    gather_bytes: int
+    """Bytes each member hands to the team gathers per step of the optimizer (payload)."""
+    sums: int
+    gathers: int
+    """Collective calls per optimizer step."""
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """One logical matrix: its shape, owner (or team), pieces and segments.
+
+    A whole-matrix owner's staging buffer holds, TP rank after TP rank, that rank's blocks
+    of the matrix row after row. With ``tp_dim == 0`` (or no TP) it is the matrix itself,
+    ``[rows, cols]``; with ``tp_dim == 1`` it is ``[tp_size, rows, cols / tp_size]``. A
+    team member's staging buffer is its block (``Team``). ``owner`` is the team's first
+    member for a team matrix.
     """
 
     name: str
@@ -56,7 +113,10 @@ class MatrixPlan:
     tp_dim: int
     owner: int
     flops: int
+    """Newton-Schulz FLOPs of the matrix orthogonalised whole by one rank."""
     pieces: tuple[Piece, ...]
+    team: Team | None = None
+    segments: tuple[Segment, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -64,7 +124,20 @@ class MatrixPlan:
 
     @property
     def is_local(self) -> bool:
-        return all(p.holder == self.owner for p in self.pieces)
+        return self.team is None and all(p.holder == self.owner for p in self.pieces)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The ranks orthogonalising it: its owner, or its team's members."""
+        return self.team.members if self.team else (self.owner,)
+
+    def flops_of(self, rank: int) -> int:
+        """Newton-Schulz FLOPs ``rank`` spends on this matrix."""
+        if self.team is None:
+            return self.flops if rank == self.owner else 0
+        if rank not in self.team.members:
+            return 0
+        return self.team.member_flops[self.team.members.index(rank)]
 
 
 def logical_matrices(

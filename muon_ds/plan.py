@@ -27,21 +27,31 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from muon_ds.layout import ShardView
-from muon_ds.matrices import MatrixPlan, Piece, PlanError, logical_matrices
+from muon_ds.matrices import MatrixPlan, PlanError, Segment, logical_matrices
+from muon_ds.teams import (
+    H100_FLOPS_PER_BYTE,
+    TeamShape,
+    band_order,
+    best_mode,
+    equal_cuts,
+    make_team,
+    ring_bytes,
+    segments,
+)
 
 
 @dataclass(frozen=True)
 class Transfer:
     """What one rank sends to and receives from each peer in one bucket, in wire order."""
 
-    send: tuple[tuple[Piece, ...], ...]
-    recv: tuple[tuple[Piece, ...], ...]
+    send: tuple[tuple[Segment, ...], ...]
+    recv: tuple[tuple[Segment, ...], ...]
 
     def send_counts(self) -> list[int]:
-        return [sum(p.numel for p in pieces) for pieces in self.send]
+        return [sum(s.numel for s in segments) for segments in self.send]
 
     def recv_counts(self) -> list[int]:
-        return [sum(p.numel for p in pieces) for pieces in self.recv]
+        return [sum(s.numel for s in segments) for segments in self.recv]
 
 
 @dataclass(frozen=True)
@@ -54,47 +64,84 @@ class Plan:
     buckets: tuple[tuple[int, ...], ...]
 
     def owned(self, rank: int, indices: Sequence[int]) -> list[int]:
-        return [i for i in indices if self.matrices[i].owner == rank]
+        """The matrices of ``indices`` that ``rank`` orthogonalises whole."""
+        return [
+            i for i in indices if self.matrices[i].team is None and self.matrices[i].owner == rank
+        ]
+
+    def teamed(self, rank: int, indices: Sequence[int]) -> list[int]:
+        """The matrices of ``indices`` whose team ``rank`` is in, in ``indices`` order."""
+        return [i for i in indices if self.matrices[i].team and rank in self.matrices[i].ranks]
 
     def gather(self, rank: int, bucket: int) -> Transfer:
-        """Pieces ``rank`` sends to owners (``send[d]``) and receives as owner (``recv[s]``).
+        """Segments ``rank`` sends (``send[d]``) and receives as owner or member (``recv[s]``).
 
         The scatter back is the same transfer reversed: what was received is sent back.
-        Wire order inside a message is the bucket's matrix order, then piece order.
+        Wire order inside a message is the bucket's matrix order, then segment order.
         """
-        send: list[list[Piece]] = [[] for _ in range(self.world)]
-        recv: list[list[Piece]] = [[] for _ in range(self.world)]
+        send: list[list[Segment]] = [[] for _ in range(self.world)]
+        recv: list[list[Segment]] = [[] for _ in range(self.world)]
         for index in self.buckets[bucket]:
-            matrix = self.matrices[index]
-            for piece in matrix.pieces:
-                if piece.holder == matrix.owner:
+            for segment in self.matrices[index].segments:
+                if segment.holder == segment.member:
                     continue
-                if piece.holder == rank:
-                    send[matrix.owner].append(piece)
-                if matrix.owner == rank:
-                    recv[piece.holder].append(piece)
+                if segment.holder == rank:
+                    send[segment.member].append(segment)
+                if segment.member == rank:
+                    recv[segment.holder].append(segment)
         return Transfer(tuple(map(tuple, send)), tuple(map(tuple, recv)))
 
     def bytes_sent(self, rank: int, wire_bytes: int) -> int:
-        """Bytes ``rank`` puts on the wire per step: its pieces to owners, updates back."""
+        """Bytes ``rank`` puts on the exchange per step: its segments to owners and team
+        members, their updates back (team collectives: ``team_traffic``)."""
         moved = 0
         for m in self.matrices:
-            for p in m.pieces:
-                if p.holder != m.owner and rank in (p.holder, m.owner):
-                    moved += p.numel
+            for s in m.segments:
+                if s.holder != s.member and rank in (s.holder, s.member):
+                    moved += s.numel
         return moved * wire_bytes
 
+    def team_traffic(self, rank: int) -> dict[str, tuple[int, int]]:
+        """Per step, ``{"team_sum" | "team_gather": (calls, payload bytes)}`` of ``rank``'s
+        team collectives (payload: what it hands each collective)."""
+        teams = [m.team for m in self.matrices if m.team and rank in m.team.members]
+        return {
+            "team_sum": (sum(t.sums for t in teams), sum(t.sum_bytes for t in teams)),
+            "team_gather": (sum(t.gathers for t in teams), sum(t.gather_bytes for t in teams)),
+        }
+
     def ns_matrices(self, rank: int) -> int:
-        return sum(m.owner == rank for m in self.matrices)
+        """Matrices ``rank`` orthogonalises whole."""
+        return len(self.owned(rank, range(len(self.matrices))))
 
     def ns_flops(self, rank: int) -> int:
-        return sum(m.flops for m in self.matrices if m.owner == rank)
+        return sum(m.flops_of(rank) for m in self.matrices)
+
+    def load(self, rank: int, flops_per_byte: float) -> float:
+        """``rank``'s Newton-Schulz FLOPs plus its team collectives' ring bytes weighed at
+        ``flops_per_byte``: what the planner balances."""
+        wire = sum(ring_bytes(m.team) for m in self.matrices if m.team and rank in m.team.members)
+        return self.ns_flops(rank) + flops_per_byte * wire
 
     def imbalance(self) -> float:
         """max / mean Newton-Schulz FLOPs over the group's ranks (1.0 is perfect)."""
         loads = [self.ns_flops(r) for r in range(self.world)]
         mean = sum(loads) / self.world
         return max(loads) / mean if mean else 1.0
+
+
+@dataclass(frozen=True)
+class TeamOptions:
+    """Whether and how the planner may split a matrix over a team of ranks."""
+
+    max_size: int = 1
+    """Largest team (``MuonConfig.owner_team_max``); 1: every matrix has one owner."""
+
+    nodes: tuple[int, ...] = ()
+    """Node of each group rank: a team's members share one. Empty: one node per rank."""
+
+    flops_per_byte: float = H100_FLOPS_PER_BYTE
+    """Newton-Schulz FLOPs one byte of team collective costs as much time as."""
 
 
 def build_plan(
@@ -104,29 +151,25 @@ def build_plan(
     imbalance_limit: float,
     bucket_bytes: int,
     wire_bytes: int,
-    prior_flops: Sequence[int] | None = None,
+    prior_flops: Sequence[float] | None = None,
     ns_algorithm: str = "standard",
+    teams: TeamOptions = TeamOptions(),
 ) -> Plan:
     """Plan the exchange of one group from every rank's Muon shard views.
 
-    ``ns_algorithm`` (``MuonConfig.ns_algorithm``) decides each matrix's FLOPs.
-    ``prior_flops[r]``: Newton-Schulz FLOPs group rank ``r`` already owns in other plans,
+    ``ns_algorithm`` (``MuonConfig.ns_algorithm``) decides each whole matrix's FLOPs.
+    ``prior_flops[r]``: Newton-Schulz load group rank ``r`` already has from other plans,
     balanced against together with this group's (zeros when omitted).
     """
     world = len(views_by_rank)
     prior = list(prior_flops) if prior_flops is not None else [0] * world
     if len(prior) != world or any(f < 0 for f in prior):
         raise PlanError(f"prior_flops={prior} must hold one count >= 0 per rank ({world})")
+    if teams.nodes and len(teams.nodes) != world:
+        raise PlanError(f"nodes={teams.nodes} must name one node per rank ({world})")
     unowned = logical_matrices(views_by_rank, ns_steps, ns_algorithm)
-    owners = _assign_owners(unowned, prior, imbalance_limit)
-    matrices = tuple(
-        dataclasses.replace(
-            m,
-            owner=owners[i],
-            pieces=tuple(dataclasses.replace(p, matrix=i) for p in m.pieces),
-        )
-        for i, m in enumerate(unowned)
-    )
+    assigner = _Assigner(unowned, prior, imbalance_limit, teams, ns_steps, wire_bytes)
+    matrices = tuple(assigner.run())
     # Largest first: the first bucket's exchange then hides behind the local matrices'
     # Newton-Schulz, and each later one behind the previous bucket's.
     order = sorted(range(len(matrices)), key=lambda i: (-matrices[i].flops, i))
@@ -136,7 +179,7 @@ def build_plan(
     for i in order:
         if matrices[i].is_local:
             continue
-        moved = wire_bytes * sum(p.numel for p in matrices[i].pieces if p.holder != owners[i])
+        moved = wire_bytes * sum(s.numel for s in matrices[i].segments if s.holder != s.member)
         if filled + moved > bucket_bytes and filled > 0:
             buckets.append([])
             filled = 0
@@ -154,16 +197,18 @@ class NsLedger:
     time its Newton-Schulz takes, not each group's share alone.
     """
 
-    flops: dict[int, int] = dataclasses.field(default_factory=dict)
-    """Global rank -> Newton-Schulz FLOPs it owns (absent: none)."""
+    flops: dict[int, float] = dataclasses.field(default_factory=dict)
+    """Global rank -> its Newton-Schulz load (``Plan.load``: FLOPs, team collectives
+    weighed as FLOPs) (absent: none)."""
 
-    def of(self, ranks: Sequence[int]) -> list[int]:
+    def of(self, ranks: Sequence[int]) -> list[float]:
         return [self.flops.get(r, 0) for r in ranks]
 
-    def charge(self, ranks: Sequence[int], plan: Plan) -> None:
-        """Add what ``plan`` (over group ranks ``ranks``, in group order) has each own."""
+    def charge(self, ranks: Sequence[int], plan: Plan, flops_per_byte: float) -> None:
+        """Add what ``plan`` (over group ranks ``ranks``, in group order) loads each with."""
         for group_rank, global_rank in enumerate(ranks):
-            self.flops[global_rank] = self.flops.get(global_rank, 0) + plan.ns_flops(group_rank)
+            load = plan.load(group_rank, flops_per_byte)
+            self.flops[global_rank] = self.flops.get(global_rank, 0) + load
 
 
 GroupViews = Mapping[str, Mapping[tuple[int, ...], Sequence[Sequence[ShardView]]]]
@@ -179,12 +224,17 @@ def plan_groups(
     bucket_bytes: int,
     wire_bytes: int,
     ns_algorithm: str = "standard",
+    max_team: int = 1,
+    nodes: Mapping[int, int] | None = None,
+    flops_per_byte: float = H100_FLOPS_PER_BYTE,
 ) -> dict[tuple[str, tuple[int, ...]], Plan]:
     """Plan every exchange group of a model, balancing against ``ledger`` and charging it.
 
     One name may hold several groups (the expert-DP group of each EP rank); each is
     planned alone. The order is fixed (names, then member tuples, sorted), so every rank
     that plans the same input charges the ledger identically and picks the same owners.
+    ``nodes`` maps each global rank to its node (teams stay inside one); without it no
+    two ranks share a node and every matrix has one owner.
     """
     plans = {}
     for name in sorted(views):
@@ -198,33 +248,126 @@ def plan_groups(
                     wire_bytes=wire_bytes,
                     prior_flops=ledger.of(ranks),
                     ns_algorithm=ns_algorithm,
+                    teams=TeamOptions(
+                        max_team,
+                        tuple(nodes[r] for r in ranks) if nodes else (),
+                        flops_per_byte,
+                    ),
                 )
             except PlanError as error:
                 raise PlanError(f"group {name!r} (ranks {list(ranks)}): {error}") from None
-            ledger.charge(ranks, plan)
+            ledger.charge(ranks, plan, flops_per_byte)
             plans[name, ranks] = plan
     return plans
 
 
-def _assign_owners(
-    matrices: list[MatrixPlan], prior: list[int], imbalance_limit: float
-) -> list[int]:
-    """Largest holder unless it overflows its share of FLOPs; else where it fits best."""
-    world = len(prior)
-    flops = [m.flops for m in matrices]
-    limit = imbalance_limit * (sum(flops) + sum(prior)) / world
-    load = list(prior)
-    owners = [0] * len(matrices)
-    for i in sorted(range(len(matrices)), key=lambda i: (-flops[i], i)):
+class _Assigner:
+    """Owners and teams, largest matrix first (greedy longest-processing-time).
+
+    A matrix goes to the rank holding most of it unless that pushes the rank past
+    ``cap`` (the imbalance limit times the mean load); else to the least-loaded rank if
+    it fits there; else to the smallest team that fits, on the node holding most of it;
+    else wherever the most-loaded rank it lands on ends lightest.
+    """
+
+    def __init__(
+        self,
+        matrices: list[MatrixPlan],
+        prior: list[float],
+        imbalance_limit: float,
+        teams: TeamOptions,
+        steps: int,
+        wire_bytes: int,
+    ) -> None:
+        self.matrices = matrices
+        self.world = len(prior)
+        self.load = [float(f) for f in prior]
+        self.cap = imbalance_limit * (sum(m.flops for m in matrices) + sum(prior)) / self.world
+        self.options, self.steps, self.wire_bytes = teams, steps, wire_bytes
+        self.by_node: dict[int, list[int]] = defaultdict(list)
+        for rank, node in enumerate(teams.nodes or range(self.world)):
+            self.by_node[node].append(rank)
+        self.largest_team = min(teams.max_size, max(map(len, self.by_node.values())))
+
+    def run(self) -> list[MatrixPlan]:
+        placed: list[MatrixPlan] = list(self.matrices)
+        for i in sorted(range(len(placed)), key=lambda i: (-placed[i].flops, i)):
+            placed[i] = self._place(i)
+        return placed
+
+    def _place(self, i: int) -> MatrixPlan:
+        matrix = self.matrices[i]
         held: dict[int, int] = defaultdict(int)
-        for piece in matrices[i].pieces:
+        for piece in matrix.pieces:
             held[piece.holder] += piece.numel
-        by_locality = sorted(held, key=lambda r: (-held[r], load[r], r))
-        fitting = [r for r in by_locality if load[r] + flops[i] <= limit]
+        by_locality = sorted(held, key=lambda r: (-held[r], self.load[r], r))
+        fitting = [r for r in by_locality if self.load[r] + matrix.flops <= self.cap]
         if fitting:
-            owner = fitting[0]
-        else:
-            owner = min(range(world), key=lambda r: (load[r], -held.get(r, 0), r))
-        owners[i] = owner
-        load[owner] += flops[i]
-    return owners
+            return self._own(i, fitting[0])
+        solo = min(range(self.world), key=lambda r: (self.load[r], -held.get(r, 0), r))
+        best: tuple[float, tuple[list[int], str] | None] = (self.load[solo] + matrix.flops, None)
+        if best[0] <= self.cap:
+            return self._own(i, solo)
+        for k in range(2, self.largest_team + 1):
+            mode, member_load = best_mode(
+                TeamShape.of(matrix), k, self.steps, self.wire_bytes, self.options.flops_per_byte
+            )
+            members = self._members(held, k, member_load)
+            if members is None:
+                continue
+            worst = max(self.load[r] for r in members) + member_load
+            if worst <= self.cap:
+                return self._team(i, members, mode)
+            if worst < best[0]:
+                best = (worst, (members, mode))
+        return self._own(i, solo) if best[1] is None else self._team(i, *best[1])
+
+    def _members(self, held: dict[int, int], k: int, member_load: float) -> list[int] | None:
+        """``k`` ranks of one node for a team: the first node (most of the matrix first)
+        where all fit under the cap, holders first; else the node where the most-loaded
+        member ends lightest. None if no node has ``k`` ranks."""
+        nodes = sorted(
+            self.by_node, key=lambda n: (-sum(held.get(r, 0) for r in self.by_node[n]), n)
+        )
+        fallback: tuple[float, list[int]] | None = None
+        for node in nodes:
+            ranks = self.by_node[node]
+            if len(ranks) < k:
+                continue
+            chosen = sorted(
+                ranks,
+                key=lambda r: (
+                    self.load[r] + member_load > self.cap,
+                    -held.get(r, 0),
+                    self.load[r],
+                    r,
+                ),
+            )[:k]
+            worst = max(self.load[r] for r in chosen) + member_load
+            if worst <= self.cap:
+                return chosen
+            if fallback is None or worst < fallback[0]:
+                fallback = (worst, chosen)
+        return None if fallback is None else fallback[1]
+
+    def _own(self, i: int, owner: int) -> MatrixPlan:
+        matrix = self.matrices[i]
+        self.load[owner] += matrix.flops
+        return self._finish(i, dataclasses.replace(matrix, owner=owner))
+
+    def _team(self, i: int, members: list[int], mode: str) -> MatrixPlan:
+        matrix = self.matrices[i]
+        cuts = equal_cuts(TeamShape.of(matrix).n, len(members))
+        team = make_team(
+            matrix, band_order(matrix, members, cuts), mode, self.steps, self.wire_bytes
+        )
+        wire = self.options.flops_per_byte * ring_bytes(team)
+        for rank, flops in zip(team.members, team.member_flops, strict=True):
+            self.load[rank] += flops + wire
+        return self._finish(i, dataclasses.replace(matrix, owner=team.members[0], team=team))
+
+    @staticmethod
+    def _finish(i: int, matrix: MatrixPlan) -> MatrixPlan:
+        pieces = tuple(dataclasses.replace(p, matrix=i) for p in matrix.pieces)
+        matrix = dataclasses.replace(matrix, pieces=pieces)
+        return dataclasses.replace(matrix, segments=segments(i, matrix))

@@ -99,7 +99,7 @@ def normalized_wide_stack(
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * _SETS[coefficients][1] + eps)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * frobenius_margin(coefficients) + eps)
     shape = x.shape
 
     def restore(stacked: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,11 @@ def normalized_wide_stack(
         return result.mT if transposed else result
 
     return x.reshape(-1, *shape[-2:]), restore
+
+
+def frobenius_margin(coefficients: str) -> float:
+    """What the named set multiplies the Frobenius norm by before dividing by it."""
+    return _SETS[coefficients][1]
 
 
 def newton_schulz_flops(rows: int, cols: int, steps: int) -> int:
