@@ -107,6 +107,13 @@ class MuonConfig:
     """Sharded runs: a matrix stays with the rank holding most of it (fewest bytes moved)
     unless that pushes the rank past this max/mean ratio of Newton-Schulz FLOPs."""
 
+    owner_team_max: int = 1
+    """Sharded runs: the most ranks of one node that may orthogonalise one matrix together
+    (each a block of its long side, ``muon_ds.math.team_newton_schulz``). The planner forms
+    a team only for a matrix too large for any one rank to take within
+    ``owner_imbalance_limit``: with more ranks than matrices can balance. 1: one owner per
+    matrix. Teams run the torch iteration (``ns_algorithm`` "standard") in ``ns_dtype``."""
+
     exchange_bucket_mb: float = 64.0
     """Sharded runs: wire MiB per exchange bucket; the next bucket's gather overlaps the
     current bucket's Newton-Schulz, so smaller buckets overlap more but issue more calls."""
@@ -146,6 +153,7 @@ class MuonConfig:
         object.__setattr__(self, "adamw_betas", (float(betas[0]), float(betas[1])))
         _check_number("adamw_eps", self.adamw_eps, low=0.0, low_open=True)
         _check_number("owner_imbalance_limit", self.owner_imbalance_limit, low=1.0)
+        _check_int("owner_team_max", self.owner_team_max, low=1)
         _check_number("exchange_bucket_mb", self.exchange_bucket_mb, low=0.0, low_open=True)
         for key in ("muon_patterns", "adamw_patterns"):
             value = getattr(self, key)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ from muon_ds.closure import loss_from_closure
 from muon_ds.comm import CommCounter, Exchange, HeldRange, Slot, all_ranks_finite
 from muon_ds.config import MuonConfig
 from muon_ds.device import resolve_ns_dtype
-from muon_ds.kernels import orthogonalize
+from muon_ds.kernels import orthogonalize, orthogonalize_block
 from muon_ds.layout import ShardView
 from muon_ds.math import (
     MOMENTUM,
@@ -116,6 +117,7 @@ class ShardedMuonCore:
             "members": members,
             "views": [v for v in self.views if v.route == "muon"],
             "problem": problem,
+            "host": socket.gethostname(),
         }
         everyone: list[Any] = [None] * (dist.get_world_size() if distributed else 1)
         if distributed:
@@ -131,6 +133,7 @@ class ShardedMuonCore:
             }
             for key in groups
         }
+        hosts = sorted({m["host"] for m in everyone})
         every_plan = plan_groups(
             views,
             ledger,
@@ -139,7 +142,10 @@ class ShardedMuonCore:
             imbalance_limit=self.config.owner_imbalance_limit,
             bucket_bytes=int(self.config.exchange_bucket_mb * 2**20),
             wire_bytes=self.ns_dtype.itemsize,
+            max_team=self.config.owner_team_max,
+            nodes={r: hosts.index(m["host"]) for r, m in enumerate(everyone)},
         )
+        team_groups = _team_groups(every_plan)
         plans: dict[str, Plan] = {}
         exchanges = []
         for (key, ranks), plan in every_plan.items():
@@ -160,6 +166,8 @@ class ShardedMuonCore:
                     locate=locate,
                     wire_dtype=self.ns_dtype,
                     counter=self.counter,
+                    members=ranks,
+                    team_groups=team_groups,
                 )
             )
         return plans, exchanges
@@ -218,12 +226,17 @@ class ShardedMuonCore:
 
         def deliver(matrix: MatrixPlan, slot: Slot, values: torch.Tensor) -> None:
             scale = update_scale(matrix.rows, matrix.cols, cfg.scale_mode)
-            shard = self.buffers[slot.buffer][slot.begin : slot.end]
+            shard = slot.view(self.buffers[slot.buffer])
             # In-place add upcasts the NS-dtype values itself: no fp32 temporary per piece.
             shard.add_(values, alpha=-lr_and_decay[slot.buffer][0] * scale)
 
         for exchange in self._exchanges:
-            exchange.run(directions, lambda batch: orthogonalize(batch, cfg), deliver)
+            exchange.run(
+                directions,
+                lambda batch: orthogonalize(batch, cfg),
+                deliver,
+                lambda block, team, mode: orthogonalize_block(block, team, mode, cfg),
+            )
 
     def _adamw_step(
         self,
@@ -245,6 +258,25 @@ class ShardedMuonCore:
             eps=self.config.adamw_eps,
             weight_decay=weight_decay,
         )
+
+
+def _team_groups(
+    plans: Mapping[tuple[str, tuple[int, ...]], Plan],
+) -> dict[tuple[int, ...], dist.ProcessGroup]:
+    """A process group for every team of every plan, keyed by its global ranks (ascending).
+
+    ``new_group`` is collective over the world: every rank plans every group, so every
+    rank creates the same groups in the same order (plans sorted, then matrix order).
+    """
+    groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    for (_, ranks), plan in sorted(plans.items()):
+        for matrix in plan.matrices:
+            if matrix.team is None:
+                continue
+            team = tuple(sorted(ranks[r] for r in matrix.team.members))
+            if team not in groups:
+                groups[team] = dist.new_group(list(team))
+    return groups
 
 
 class ShardedMuon(torch.optim.Optimizer):

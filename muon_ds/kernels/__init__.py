@@ -1,4 +1,5 @@
-"""The one entry through which every optimizer orthogonalises: ``orthogonalize``.
+"""The one entry through which every optimizer orthogonalises: ``orthogonalize`` (whole
+matrices) and ``orthogonalize_block`` (a team member's block).
 
 ``config.ns_backend`` picks the implementation: the fused Triton kernel
 (``triton_newton_schulz``) or the torch reference of ``muon_ds.math``. The single-process
@@ -17,6 +18,7 @@ from muon_ds.config import MuonConfig
 from muon_ds.device import gram_chain_dtype, resolve_ns_dtype
 from muon_ds.math import newton_schulz
 from muon_ds.math.gram_newton_schulz import gram_newton_schulz, uses_gram
+from muon_ds.math.team_newton_schulz import TeamOps, team_newton_schulz
 
 
 def orthogonalize(batch: torch.Tensor, config: MuonConfig) -> torch.Tensor:
@@ -40,6 +42,24 @@ def orthogonalize(batch: torch.Tensor, config: MuonConfig) -> torch.Tensor:
         coefficients=config.ns_coefficients,
         eps=config.ns_eps,
         dtype=dtype,
+    )
+
+
+def orthogonalize_block(
+    block: torch.Tensor, team: TeamOps, mode: str, config: MuonConfig
+) -> torch.Tensor:
+    """This member's part of a team's Newton-Schulz (``muon_ds.math.team_newton_schulz``) of
+    its wide block, in ``config.ns_dtype`` resolved for the block's device: the torch
+    iteration ("standard"), whatever ``ns_algorithm`` and ``ns_backend`` say for whole
+    matrices (the planner counts the same FLOPs)."""
+    return team_newton_schulz(
+        block,
+        team,
+        mode=mode,
+        steps=config.ns_steps,
+        coefficients=config.ns_coefficients,
+        eps=config.ns_eps,
+        dtype=resolve_ns_dtype(config.ns_dtype, block.device),
     )
 
 
@@ -82,4 +102,4 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-__all__ = ["orthogonalize"]
+__all__ = ["orthogonalize", "orthogonalize_block"]
