@@ -114,6 +114,12 @@ class MuonConfig:
     ``owner_imbalance_limit``: with more ranks than matrices can balance. 1: one owner per
     matrix. Teams run the torch iteration (``ns_algorithm`` "standard") in ``ns_dtype``."""
 
+    team_flops_per_byte: float = 879.0
+    """Sharded runs with teams: Newton-Schulz FLOPs a rank does in the time one byte of a
+    team collective crosses its node, how the planner weighs a team's traffic against the
+    FLOPs it saves. Default: an H100 running Newton-Schulz at 40% of its 989 bf16 TFLOP/s,
+    over 450 GB/s of NVLink per GPU."""
+
     exchange_bucket_mb: float = 64.0
     """Sharded runs: wire MiB per exchange bucket; the next bucket's gather overlaps the
     current bucket's Newton-Schulz, so smaller buckets overlap more but issue more calls."""
@@ -154,6 +160,7 @@ class MuonConfig:
         _check_number("adamw_eps", self.adamw_eps, low=0.0, low_open=True)
         _check_number("owner_imbalance_limit", self.owner_imbalance_limit, low=1.0)
         _check_int("owner_team_max", self.owner_team_max, low=1)
+        _check_number("team_flops_per_byte", self.team_flops_per_byte, low=0.0)
         _check_number("exchange_bucket_mb", self.exchange_bucket_mb, low=0.0, low_open=True)
         for key in ("muon_patterns", "adamw_patterns"):
             value = getattr(self, key)

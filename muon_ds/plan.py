@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from muon_ds.layout import ShardView
 from muon_ds.matrices import MatrixPlan, PlanError, Segment, logical_matrices
 from muon_ds.teams import (
-    H100_FLOPS_PER_BYTE,
     TeamShape,
     band_order,
     best_mode,
@@ -140,8 +139,9 @@ class TeamOptions:
     nodes: tuple[int, ...] = ()
     """Node of each group rank: a team's members share one. Empty: one node per rank."""
 
-    flops_per_byte: float = H100_FLOPS_PER_BYTE
-    """Newton-Schulz FLOPs one byte of team collective costs as much time as."""
+    flops_per_byte: float = 0.0
+    """Newton-Schulz FLOPs one byte of team collective costs as much time as
+    (``MuonConfig.team_flops_per_byte``)."""
 
 
 def build_plan(
@@ -168,8 +168,7 @@ def build_plan(
     if teams.nodes and len(teams.nodes) != world:
         raise PlanError(f"nodes={teams.nodes} must name one node per rank ({world})")
     unowned = logical_matrices(views_by_rank, ns_steps, ns_algorithm)
-    assigner = _Assigner(unowned, prior, imbalance_limit, teams, ns_steps, wire_bytes)
-    matrices = tuple(assigner.run())
+    matrices = tuple(_assign(unowned, prior, imbalance_limit, teams, ns_steps, wire_bytes))
     # Largest first: the first bucket's exchange then hides behind the local matrices'
     # Newton-Schulz, and each later one behind the previous bucket's.
     order = sorted(range(len(matrices)), key=lambda i: (-matrices[i].flops, i))
@@ -226,7 +225,7 @@ def plan_groups(
     ns_algorithm: str = "standard",
     max_team: int = 1,
     nodes: Mapping[int, int] | None = None,
-    flops_per_byte: float = H100_FLOPS_PER_BYTE,
+    flops_per_byte: float = 0.0,
 ) -> dict[tuple[str, tuple[int, ...]], Plan]:
     """Plan every exchange group of a model, balancing against ``ledger`` and charging it.
 
@@ -261,13 +260,34 @@ def plan_groups(
     return plans
 
 
+def _assign(
+    matrices: list[MatrixPlan],
+    prior: list[float],
+    imbalance_limit: float,
+    teams: TeamOptions,
+    steps: int,
+    wire_bytes: int,
+) -> list[MatrixPlan]:
+    """Owners and teams: smallest teams first; if that breaks the balance limit, every team
+    as wide as its node allows (a narrow early team can leave no room for a later matrix),
+    whichever leaves the most-loaded rank lighter."""
+    narrow = _Assigner(matrices, prior, imbalance_limit, teams, steps, wire_bytes, widest=False)
+    placed = narrow.run()
+    if max(narrow.load) <= narrow.cap or not any(m.team for m in placed):
+        return placed
+    wide = _Assigner(matrices, prior, imbalance_limit, teams, steps, wire_bytes, widest=True)
+    widened = wide.run()
+    return widened if max(wide.load) < max(narrow.load) else placed
+
+
 class _Assigner:
     """Owners and teams, largest matrix first (greedy longest-processing-time).
 
     A matrix goes to the rank holding most of it unless that pushes the rank past
     ``cap`` (the imbalance limit times the mean load); else to the least-loaded rank if
-    it fits there; else to the smallest team that fits, on the node holding most of it;
-    else wherever the most-loaded rank it lands on ends lightest.
+    it fits there; else to the smallest team that fits (``widest``: the widest team), on
+    the node holding most of it; else wherever the most-loaded rank it lands on ends
+    lightest.
     """
 
     def __init__(
@@ -278,6 +298,8 @@ class _Assigner:
         teams: TeamOptions,
         steps: int,
         wire_bytes: int,
+        *,
+        widest: bool,
     ) -> None:
         self.matrices = matrices
         self.world = len(prior)
@@ -287,7 +309,8 @@ class _Assigner:
         self.by_node: dict[int, list[int]] = defaultdict(list)
         for rank, node in enumerate(teams.nodes or range(self.world)):
             self.by_node[node].append(rank)
-        self.largest_team = min(teams.max_size, max(map(len, self.by_node.values())))
+        largest = min(teams.max_size, max(map(len, self.by_node.values())))
+        self.sizes = [largest] if widest and largest > 1 else list(range(2, largest + 1))
 
     def run(self) -> list[MatrixPlan]:
         placed: list[MatrixPlan] = list(self.matrices)
@@ -308,7 +331,7 @@ class _Assigner:
         best: tuple[float, tuple[list[int], str] | None] = (self.load[solo] + matrix.flops, None)
         if best[0] <= self.cap:
             return self._own(i, solo)
-        for k in range(2, self.largest_team + 1):
+        for k in self.sizes:
             mode, member_load = best_mode(
                 TeamShape.of(matrix), k, self.steps, self.wire_bytes, self.options.flops_per_byte
             )

@@ -143,6 +143,7 @@ class ShardedMuonCore:
             bucket_bytes=int(self.config.exchange_bucket_mb * 2**20),
             wire_bytes=self.ns_dtype.itemsize,
             max_team=self.config.owner_team_max,
+            flops_per_byte=self.config.team_flops_per_byte,
             nodes={r: hosts.index(m["host"]) for r, m in enumerate(everyone)},
         )
         team_groups = _team_groups(every_plan)

@@ -6,7 +6,8 @@ is more than a rank's fair share, a team of ``k`` ranks on one node shares it
 (``muon_ds.math.team_newton_schulz``): each member holds an equal block of the long side
 and pays ``team_member_flops`` plus the team's ``m x m`` collectives. The planner weighs
 those collectives as FLOPs at ``flops_per_byte`` (how many Newton-Schulz FLOPs a rank does
-in the time one byte crosses the node's links), so one number compares both.
+in the time one byte crosses the node's links: ``MuonConfig.team_flops_per_byte``), so
+one number compares both.
 
 A holder's pieces are flat ranges of the matrix in staging order; a member's block is a
 band of rows (tall matrix) or columns (wide or square). ``segments`` cuts each piece into
@@ -21,10 +22,6 @@ from dataclasses import dataclass
 
 from muon_ds.math.team_newton_schulz import TEAM_MODES, split_rows, team_member_flops
 from muon_ds.matrices import MatrixPlan, Piece, Segment, Team
-
-H100_FLOPS_PER_BYTE = 879.0
-"""Newton-Schulz at 40% of an H100's 989 bf16 TFLOP/s over 450 GB/s of NVLink per GPU:
-the planner's default exchange rate between team FLOPs and team bytes."""
 
 NORM_BYTES = 4
 """The fp32 sum of squares each member hands to the team once per step."""

@@ -8,35 +8,47 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from benchmarks.scale_model.specs import MEGATRON_ALIGN
 from muon_ds.plan import Plan
+from muon_ds.teams import ring_bytes
 
 
 @dataclass
 class Cost:
-    """Bytes sent between ranks (``flows[(src, dst)]``) and Newton-Schulz FLOPs per rank."""
+    """Bytes sent between ranks (``flows[(src, dst)]``: the exchange; ``team_flows``: team
+    collectives, with ``team_calls`` per rank) and Newton-Schulz FLOPs and calls per rank
+    (a team member's block counts as a call)."""
 
     flows: dict[tuple[int, int], int]
     ns_flops: list[int]
     ns_calls: list[int]
+    team_flows: dict[tuple[int, int], float] = field(default_factory=lambda: defaultdict(float))
+    team_calls: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls, ranks: int) -> Cost:
-        return cls(defaultdict(int), [0] * ranks, [0] * ranks)
+        return cls(defaultdict(int), [0] * ranks, [0] * ranks, defaultdict(float), [0] * ranks)
 
 
 def muon_ds_cost(plan: Plan, wire_bytes: int) -> Cost:
-    """The plan as executed: each piece off its owner goes to the owner and comes back."""
+    """The plan as executed: each segment off its owner or member goes there and comes
+    back; a team's collectives run as rings over its members in rank order."""
     cost = Cost.empty(plan.world)
     for m in plan.matrices:
-        cost.ns_flops[m.owner] += m.flops
-        cost.ns_calls[m.owner] += 1
-        for p in m.pieces:
-            if p.holder != m.owner:
-                cost.flows[(p.holder, m.owner)] += wire_bytes * p.numel
-                cost.flows[(m.owner, p.holder)] += wire_bytes * p.numel
+        for rank in m.ranks:
+            cost.ns_flops[rank] += m.flops_of(rank)
+            cost.ns_calls[rank] += 1
+        for s in m.segments:
+            if s.holder != s.member:
+                cost.flows[(s.holder, s.member)] += wire_bytes * s.numel
+                cost.flows[(s.member, s.holder)] += wire_bytes * s.numel
+        if m.team:
+            ring = sorted(m.team.members)
+            for i, rank in enumerate(ring):
+                cost.team_flows[(rank, ring[(i + 1) % len(ring)])] += ring_bytes(m.team)
+                cost.team_calls[rank] += m.team.sums + m.team.gathers
     return cost
 
 

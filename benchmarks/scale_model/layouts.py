@@ -168,15 +168,16 @@ def build_groups(model: Model, layout: Layout) -> list[Group]:
 
 
 def plan_muon_ds(
-    groups: Sequence[Group], config: MuonConfig, wire_bytes: int
-) -> tuple[dict[str, list[Plan]], list[int]]:
+    groups: Sequence[Group], config: MuonConfig, wire_bytes: int, gpus_per_node: int = 8
+) -> tuple[dict[str, list[Plan]], list[float]]:
     """Every copy of every group planned by production's own ``plan_groups``.
 
     One ledger per model, as muon_ds's Megatron adapter keeps: the dense optimizer's core
     plans "dense" then "dense_tp", the expert optimizer's core "expert" (sorted names give
     this order), each group's copies in sorted order of their global ranks, each plan
-    balanced against the Newton-Schulz FLOPs its ranks already own. Returns each group's
-    plans in ``replicas`` order and the ledger (FLOPs per global rank).
+    balanced against the Newton-Schulz FLOPs its ranks already own. Teams
+    (``config.owner_team_max``) stay inside nodes of ``gpus_per_node`` consecutive ranks.
+    Returns each group's plans in ``replicas`` order and the ledger (load per global rank).
     """
     world = 1 + max(r for g in groups for ranks in g.replicas for r in ranks)
     ledger = NsLedger()
@@ -188,6 +189,9 @@ def plan_muon_ds(
         imbalance_limit=config.owner_imbalance_limit,
         bucket_bytes=int(config.exchange_bucket_mb * 2**20),
         wire_bytes=wire_bytes,
+        max_team=config.owner_team_max,
+        nodes={r: r // gpus_per_node for r in range(world)},
+        flops_per_byte=config.team_flops_per_byte,
     )
     plans = {g.name: [planned[g.name, ranks] for ranks in g.replicas] for g in groups}
     return plans, ledger.of(range(world))

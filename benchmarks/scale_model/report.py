@@ -65,9 +65,9 @@ def markdown(rows: Sequence[dict]) -> str:
             + " |"
         )
     detail = (
-        "| model | GPUs | layout | scheme | exchange ms | NS ms | elementwise ms | max MB sent "
-        "(inter-node) | max NS TFLOP | NS redundancy | NS max/mean | padding |\n"
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| model | GPUs | layout | scheme | exchange ms | team ms | NS ms | elementwise ms | "
+        "max MB sent (inter-node) | max NS TFLOP | NS redundancy | NS max/mean | padding |\n"
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     details = []
     for row in rows:
@@ -76,7 +76,8 @@ def markdown(rows: Sequence[dict]) -> str:
             pad = "" if r["padding"] is None else _pct(r["padding"])
             details.append(
                 f"| {row['model']} | {row['gpus']} | {row['layout']} | {k} | "
-                f"{r['exchange_ms']:.2f} | {r['ns_ms']:.2f} | {r['elementwise_ms']:.2f} | "
+                f"{r['exchange_ms']:.2f} | {r['team_ms']:.2f} | {r['ns_ms']:.2f} | "
+                f"{r['elementwise_ms']:.2f} | "
                 f"{r['max_bytes_sent'] / 1e6:.1f} ({r['max_inter_node_bytes_sent'] / 1e6:.1f}) | "
                 f"{r['max_ns_tflop']:.2f} | {r['ns_redundancy']:.2f} | {r['ns_imbalance']:.2f} | "
                 f"{pad} |"
@@ -164,10 +165,16 @@ def main() -> None:
         help="muon_ds's Newton-Schulz algorithm (MuonConfig.ns_algorithm; default standard)",
     )
     parser.add_argument(
+        "--owner-team-max",
+        type=int,
+        default=1,
+        help="muon_ds's largest owner team (MuonConfig.owner_team_max; default 1: no teams)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("out/scale_model"), help="writes OUT.json and OUT.png"
     )
     args = parser.parse_args()
-    config = MuonConfig(ns_algorithm=args.ns_algorithm)
+    config = MuonConfig(ns_algorithm=args.ns_algorithm, owner_team_max=args.owner_team_max)
     layouts = args.layout or DEFAULT_LAYOUTS
     try:
         rates = Rates(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Rates)})
@@ -184,7 +191,7 @@ def main() -> None:
         f"  Muon: {config.ns_steps} NS steps, {wire} on the wire (ns_dtype "
         f"{config.ns_dtype!r} on {MODELLED_BF16_UNITS}), owner imbalance "
         f"limit {config.owner_imbalance_limit}, buckets of {config.exchange_bucket_mb:g} MiB, "
-        f"ns_algorithm {config.ns_algorithm!r}"
+        f"ns_algorithm {config.ns_algorithm!r}, owner teams of at most {config.owner_team_max}"
     )
     for key in dict.fromkeys(k for k, _ in layouts):
         print(f"  {key}: {MODELS[key].description}")

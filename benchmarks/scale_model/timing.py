@@ -44,6 +44,7 @@ class Rates:
     ib_gbps: float = 50.0
     hbm_tbps: float = 3.35
     gpus_per_node: int = 8
+    collective_latency_us: float = 15.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -67,7 +68,12 @@ class Rates:
             "between nodes",
             f"HBM {self.hbm_tbps:g} TB/s; elementwise update {MUON_BYTES_PER_ELEMENT} B per "
             f"Muon element, {ADAMW_BYTES_PER_ELEMENT} B per AdamW element",
+            f"{self.collective_latency_us:g} us per team collective call, on top of its bytes",
         ]
+
+    def team_flops_per_byte(self) -> float:
+        """Newton-Schulz FLOPs per byte of NVLink: what the planner weighs team traffic at."""
+        return self.ns_efficiency * self.peak_tflops * 1e12 / (self.nvlink_gbps * 1e9)
 
 
 RATE_HELP = {
@@ -79,7 +85,8 @@ RATE_HELP = {
     "nvlink_gbps": "intra-node bandwidth per GPU per direction, GB/s",
     "ib_gbps": "inter-node bandwidth per GPU per direction, GB/s",
     "hbm_tbps": "memory bandwidth for the elementwise update, TB/s",
-    "gpus_per_node": "GPUs per node (TP must fit inside one)",
+    "gpus_per_node": "GPUs per node (TP and owner teams stay inside one)",
+    "collective_latency_us": "fixed time of one team collective call, microseconds",
 }
 
 
@@ -92,13 +99,20 @@ class GlobalCost:
     ns_calls: list[int]
     elements: list[tuple[int, int]]
     """(Muon, AdamW) shard elements per rank."""
+    team_flows: dict[tuple[int, int], float] = dataclasses.field(
+        default_factory=lambda: defaultdict(float)
+    )
+    team_calls: dict[int, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
 
     def add(self, cost: Cost, ranks: Sequence[int]) -> None:
         for (src, dst), nbytes in cost.flows.items():
             self.flows[(ranks[src], ranks[dst])] += nbytes
+        for (src, dst), nbytes in cost.team_flows.items():
+            self.team_flows[(ranks[src], ranks[dst])] += nbytes
         for i, r in enumerate(ranks):
             self.ns_flops[r] += cost.ns_flops[i]
             self.ns_calls[r] += cost.ns_calls[i]
+            self.team_calls[r] += cost.team_calls[i] if cost.team_calls else 0
 
 
 @dataclass(frozen=True)
@@ -106,9 +120,10 @@ class SchemeResult:
     optimizer_ms: float
     share: float
     exchange_ms: float
+    team_ms: float
     ns_ms: float
     elementwise_ms: float
-    """The three parts of the slowest rank's time."""
+    """The four parts of the slowest rank's time."""
     max_bytes_sent: int
     max_inter_node_bytes_sent: int
     total_bytes_sent: int
@@ -128,35 +143,30 @@ def evaluate(
     cost: GlobalCost, rates: Rates, compute_s: float, logical_flops: int, logical_calls: int
 ) -> SchemeResult:
     world = len(cost.ns_flops)
-    node = [r // rates.gpus_per_node for r in range(world)]
-    sent = [[0, 0] for _ in range(world)]  # [intra, inter]
-    recv = [[0, 0] for _ in range(world)]
-    for (src, dst), nbytes in cost.flows.items():
-        link = int(node[src] != node[dst])
-        sent[src][link] += nbytes
-        recv[dst][link] += nbytes
-    bandwidth = (rates.nvlink_gbps * 1e9, rates.ib_gbps * 1e9)
+    sent, seconds = _link_seconds(cost.flows, world, rates)
+    _, team_seconds = _link_seconds(cost.team_flows, world, rates)
     ns_rate = rates.ns_efficiency * rates.peak_tflops * 1e12
     parts = []
     for r in range(world):
-        exchange = sum(max(sent[r][k], recv[r][k]) / bandwidth[k] for k in (0, 1))
+        exchange = seconds[r]
+        team = team_seconds[r] + cost.team_calls[r] * rates.collective_latency_us * 1e-6
         muon, adamw = cost.elements[r]
         elementwise = (muon * MUON_BYTES_PER_ELEMENT + adamw * ADAMW_BYTES_PER_ELEMENT) / (
             rates.hbm_tbps * 1e12
         )
-        parts.append(
-            (exchange + cost.ns_flops[r] / ns_rate + elementwise, exchange, r, elementwise)
-        )
-    total, exchange, slowest, elementwise = max(parts)
+        total = exchange + team + cost.ns_flops[r] / ns_rate + elementwise
+        parts.append((total, exchange, team, r, elementwise))
+    total, exchange, team, slowest, elementwise = max(parts)
     mean_flops = sum(cost.ns_flops) / world
     return SchemeResult(
         optimizer_ms=1e3 * total,
         share=total / (compute_s + total),
         exchange_ms=1e3 * exchange,
+        team_ms=1e3 * team,
         ns_ms=1e3 * cost.ns_flops[slowest] / ns_rate,
         elementwise_ms=1e3 * elementwise,
-        max_bytes_sent=max(sum(s) for s in sent),
-        max_inter_node_bytes_sent=max(s[1] for s in sent),
+        max_bytes_sent=int(max(sum(s) for s in sent)),
+        max_inter_node_bytes_sent=int(max(s[1] for s in sent)),
         total_bytes_sent=sum(cost.flows.values()),
         max_ns_tflop=max(cost.ns_flops) / 1e12,
         ns_redundancy=sum(cost.ns_flops) / logical_flops,
@@ -164,6 +174,25 @@ def evaluate(
         ns_imbalance=max(cost.ns_flops) / mean_flops if mean_flops else 1.0,
         mean_ns_ms=1e3 * mean_flops / ns_rate,
     )
+
+
+def _link_seconds(
+    flows: dict[tuple[int, int], float], world: int, rates: Rates
+) -> tuple[list[list[float]], list[float]]:
+    """Bytes each rank sends [inside, across] nodes, and the seconds its links take: the
+    larger of sent and received, per link class, at NVLink and InfiniBand speed."""
+    node = [r // rates.gpus_per_node for r in range(world)]
+    sent = [[0.0, 0.0] for _ in range(world)]
+    recv = [[0.0, 0.0] for _ in range(world)]
+    for (src, dst), nbytes in flows.items():
+        link = int(node[src] != node[dst])
+        sent[src][link] += nbytes
+        recv[dst][link] += nbytes
+    bandwidth = (rates.nvlink_gbps * 1e9, rates.ib_gbps * 1e9)
+    seconds = [
+        sum(max(sent[r][k], recv[r][k]) / bandwidth[k] for k in (0, 1)) for r in range(world)
+    ]
+    return sent, seconds
 
 
 SCHEMES = ("muon_ds", "moonlight_alg1", "megatron_whole")
@@ -177,7 +206,8 @@ def model_layout(
     wire_bytes = choose_ns_dtype(config.ns_dtype, MODELLED_BF16_UNITS).itemsize
     specs = transformer_params(model)
     groups = build_groups(model, layout)
-    plans, _ = plan_muon_ds(groups, config, wire_bytes)
+    config = dataclasses.replace(config, team_flops_per_byte=rates.team_flops_per_byte())
+    plans, _ = plan_muon_ds(groups, config, wire_bytes, rates.gpus_per_node)
     world, tp, dp = layout.gpus, layout.tp, layout.dp
 
     # Each logical matrix once: TP copies of a replicated matrix are the same matrix.
