@@ -174,12 +174,13 @@ def build_plan(
     order = sorted(range(len(matrices)), key=lambda i: (-matrices[i].flops, i))
     local = tuple(i for i in order if matrices[i].is_local)
     buckets: list[list[int]] = []
-    filled = bucket_bytes
+    filled = 0
     for i in order:
         if matrices[i].is_local:
             continue
+        # A team whose members hold their blocks already moves nothing, yet needs a bucket.
         moved = wire_bytes * sum(s.numel for s in matrices[i].segments if s.holder != s.member)
-        if filled + moved > bucket_bytes and filled > 0:
+        if not buckets or (filled + moved > bucket_bytes and filled > 0):
             buckets.append([])
             filled = 0
         buckets[-1].append(i)
