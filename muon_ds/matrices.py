@@ -72,8 +72,8 @@ class Team:
     Member ``members[j]`` holds long-side positions ``[cuts[j], cuts[j + 1])``: rows of a
     tall matrix (``rows > cols``), else columns; its staging buffer is that block of the
     logical matrix, row-major. Collectives per step (``muon_ds.math.team_newton_schulz``):
-    one sum of the ``m x m`` Gram matrix (after one fp32 sum for the norm) and, in
-    ``"split"`` mode, one gather of ``B``'s rows, in ascending rank order.
+    one sum of the ``m x m`` Gram matrix's upper triangle (after one fp32 sum for the norm)
+    and, in ``"split"`` mode, one gather of ``B``'s rows, in ascending rank order.
     """
 
     members: tuple[int, ...]

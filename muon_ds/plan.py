@@ -281,14 +281,22 @@ def _assign(
     return widened if max(wide.load) < max(narrow.load) else placed
 
 
+def _largest_holder(matrix: MatrixPlan) -> int:
+    held: dict[int, int] = defaultdict(int)
+    for piece in matrix.pieces:
+        held[piece.holder] += piece.numel
+    return min(held, key=lambda r: (-held[r], r))
+
+
 class _Assigner:
     """Owners and teams, largest matrix first (greedy longest-processing-time).
 
     A matrix goes to the rank holding most of it unless that pushes the rank past
-    ``cap`` (the imbalance limit times the mean load); else to the least-loaded rank if
-    it fits there; else to the smallest team that fits (``widest``: the widest team), on
-    the node holding most of it; else wherever the most-loaded rank it lands on ends
-    lightest.
+    ``cap`` (the imbalance limit times the mean load); else to the least busy rank if it
+    fits there; else to the smallest team that fits (``widest``: the widest team), on
+    the node holding most of it; else wherever the busiest rank it lands on ends lightest.
+    A rank's busyness counts the matrices it holds most of that are still to be placed:
+    taking another rank's matrix must not crowd out its own, which would then move too.
     """
 
     def __init__(
@@ -305,6 +313,12 @@ class _Assigner:
         self.matrices = matrices
         self.world = len(prior)
         self.load = [float(f) for f in prior]
+        # Work each rank will be offered as the largest holder of a matrix not yet placed:
+        # a rank is only as free as what is left after its own matrices.
+        self.reserved = [0.0] * self.world
+        self.home = [_largest_holder(m) for m in matrices]
+        for matrix, home in zip(matrices, self.home, strict=True):
+            self.reserved[home] += matrix.flops
         self.cap = imbalance_limit * (sum(m.flops for m in matrices) + sum(prior)) / self.world
         self.options, self.steps, self.wire_bytes = teams, steps, wire_bytes
         self.by_node: dict[int, list[int]] = defaultdict(list)
@@ -321,6 +335,7 @@ class _Assigner:
 
     def _place(self, i: int) -> MatrixPlan:
         matrix = self.matrices[i]
+        self.reserved[self.home[i]] -= matrix.flops
         held: dict[int, int] = defaultdict(int)
         for piece in matrix.pieces:
             held[piece.holder] += piece.numel
@@ -328,8 +343,8 @@ class _Assigner:
         fitting = [r for r in by_locality if self.load[r] + matrix.flops <= self.cap]
         if fitting:
             return self._own(i, fitting[0])
-        solo = min(range(self.world), key=lambda r: (self.load[r], -held.get(r, 0), r))
-        best: tuple[float, tuple[list[int], str] | None] = (self.load[solo] + matrix.flops, None)
+        solo = min(range(self.world), key=lambda r: (self._busy(r), -held.get(r, 0), r))
+        best: tuple[float, tuple[list[int], str] | None] = (self._busy(solo) + matrix.flops, None)
         if best[0] <= self.cap:
             return self._own(i, solo)
         for k in self.sizes:
@@ -345,6 +360,9 @@ class _Assigner:
             if worst < best[0]:
                 best = (worst, (members, mode))
         return self._own(i, solo) if best[1] is None else self._team(i, *best[1])
+
+    def _busy(self, rank: int) -> float:
+        return self.load[rank] + self.reserved[rank]
 
     def _members(self, held: dict[int, int], k: int, member_load: float) -> list[int] | None:
         """``k`` ranks of one node for a team: the first node (most of the matrix first)

@@ -59,8 +59,8 @@ def team_cost(
     flops = [
         team_member_flops(shape.m, widest, _rows(shape.m, k, i), steps, mode) for i in range(k)
     ]
-    square = shape.m * shape.m * wire_bytes
-    sum_bytes = NORM_BYTES + steps * square
+    triangle = shape.m * (shape.m + 1) // 2 * wire_bytes
+    sum_bytes = NORM_BYTES + steps * triangle
     chunk = -(-shape.m // k) * shape.m * wire_bytes
     gather_bytes = steps * chunk if mode == "split" else 0
     wire = 2 * (k - 1) * sum_bytes / k + (k - 1) * gather_bytes  # as ``ring_bytes``

@@ -2,9 +2,10 @@
 
 Write the wide (``m x n``, ``m <= n``) iterate as column blocks ``X = [X_1 ... X_k]``, one
 per member. A step ``X <- a X + B X`` with ``B = b A + c A^2`` needs the whole matrix only
-through ``A = X X^T = sum_i X_i X_i^T``, an ``m x m`` sum over the team; each member then
-updates its own block, ``X_i <- a X_i + B X_i``. The Frobenius norm is a team sum too. So
-per step a member does ``4 m^2 n_i`` FLOPs on its block and the team one ``m x m`` sum.
+through ``A = X X^T = sum_i X_i X_i^T``, an ``m x m`` sum over the team (symmetric: only
+its upper triangle travels); each member then updates its own block,
+``X_i <- a X_i + B X_i``. The Frobenius norm is a team sum too. So per step a member does
+``4 m^2 n_i`` FLOPs on its block and the team one sum of ``m (m + 1) / 2`` elements.
 
 ``B`` is small but costs ``2 m^3``. ``"replicated"``: every member computes all of it (no
 more traffic). ``"split"``: member ``i`` computes its rows of ``B`` and the team gathers
@@ -73,12 +74,23 @@ def team_newton_schulz(
     # The reference's norm is rounded to the iteration's dtype before it divides.
     norm = squares.sqrt().to(dtype)
     x = x / (norm * frobenius_margin(coefficients) + eps)
+    upper = torch.triu_indices(x.size(0), x.size(0), device=x.device)
     for a, b, c in coefficient_schedule(coefficients, steps):
-        gram = x @ x.mT
-        team.sum_(gram)
+        gram = _symmetric_sum(x @ x.mT, upper, team)
         poly = _polynomial(gram, b, c, team, mode)
         x = torch.addmm(x, poly, x, beta=a)
     return x
+
+
+def _symmetric_sum(gram: torch.Tensor, upper: torch.Tensor, team: TeamOps) -> torch.Tensor:
+    """The team's sum of the symmetric ``gram``, sending only its upper triangle (``upper``:
+    its indices): ``m (m + 1) / 2`` elements instead of ``m^2``."""
+    packed = gram[upper[0], upper[1]]
+    team.sum_(packed)
+    total = torch.empty_like(gram)
+    total[upper[0], upper[1]] = packed
+    total[upper[1], upper[0]] = packed
+    return total
 
 
 def _polynomial(gram: torch.Tensor, b: float, c: float, team: TeamOps, mode: str) -> torch.Tensor:
