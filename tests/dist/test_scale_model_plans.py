@@ -26,11 +26,17 @@ pytestmark = pytest.mark.dist
 CONFIG = MuonConfig(ns_dtype="bfloat16", owner_imbalance_limit=1.0)
 """The tightest balance: each plan leans hardest on the load earlier plans left, so a
 different planning order (expert before dense, say) gives other owners."""
+TEAMS = MuonConfig(
+    ns_dtype="bfloat16", owner_imbalance_limit=1.0, owner_team_max=4, team_flops_per_byte=0.0
+)
+"""The same with teams (one host: one node, as the scale model's 8-GPU nodes at 4 ranks)."""
 OPTIMIZERS = (("dense", "dense_tp"), ("expert",))
 """The exchange groups of each Megatron optimizer, in the order the adapter builds them."""
 
 
-def _production_plans(rank: int, world: int, model: sm.Model, layout: sm.Layout) -> Any:
+def _production_plans(
+    rank: int, world: int, model: sm.Model, layout: sm.Layout, config: MuonConfig
+) -> Any:
     groups = sm.build_groups(model, layout)
     process_groups = {}
     for group in sorted(groups, key=lambda g: g.name):
@@ -56,28 +62,33 @@ def _production_plans(rank: int, world: int, model: sm.Model, layout: sm.Layout)
             [buffer],
             ["muon"],
             views,
-            CONFIG,
+            config,
             {g.name: process_groups[g.name] for g in mine},
             ledger=ledger,
         )
         for name, plan in core.plans.items():
-            owners[name] = [m.owner for m in plan.matrices]
+            owners[name] = [(m.owner, m.team) for m in plan.matrices]
     return owners, ledger.of(range(world))
 
 
+@pytest.mark.parametrize("config", [CONFIG, TEAMS], ids=["owners", "teams"])
 @pytest.mark.parametrize(
     ("model", "layout"),
     [(TINY_DENSE, sm.Layout(4, tp=2)), (TINY_MOE, sm.Layout(4, ep=2))],
     ids=["dense-dp2xtp2", "moe-dp4-ep2"],
 )
-def test_scale_model_owners_and_load_are_productions(model: sm.Model, layout: sm.Layout) -> None:
+def test_scale_model_owners_teams_and_load_are_productions(
+    model: sm.Model, layout: sm.Layout, config: MuonConfig
+) -> None:
     groups = sm.build_groups(model, layout)
-    plans, load = sm.plan_muon_ds(groups, CONFIG, 2)
-    results = run_ranks(layout.gpus, _production_plans, model, layout)
+    plans, load = sm.plan_muon_ds(groups, config, 2)
+    if config is TEAMS:
+        assert any(m.team for g in groups for p in plans[g.name] for m in p.matrices)
+    results = run_ranks(layout.gpus, _production_plans, model, layout, config)
     for rank, (owners, production_load) in enumerate(results):
         assert production_load == load
         expected = {
-            g.name: [m.owner for m in plans[g.name][copy].matrices]
+            g.name: [(m.owner, m.team) for m in plans[g.name][copy].matrices]
             for g in groups
             for copy, ranks in enumerate(g.replicas)
             if rank in ranks

@@ -11,6 +11,7 @@ from benchmarks.shapes import ModelShape
 from muon_ds.config import MuonConfig
 from muon_ds.math import newton_schulz_flops
 from muon_ds.plan import build_plan
+from muon_ds.teams import ring_bytes
 
 TINY_DENSE = sm.Model(
     "tiny-dense",
@@ -39,6 +40,9 @@ TINY_MOE = sm.Model(
     sm.MLA(kv_lora_rank=32, qk_head_dim=16, rope_head_dim=8, v_head_dim=16),
 )
 CONFIG = MuonConfig()
+TEAMS = MuonConfig(owner_team_max=8, team_flops_per_byte=0.0, owner_imbalance_limit=1.0)
+"""Teams on, their traffic weighed at nothing and the balance tightest, so the tiny models
+form teams."""
 RATES = sm.Rates()
 LAYOUTS = [
     (TINY_DENSE, sm.Layout(4)),
@@ -67,14 +71,15 @@ def _logical_matrices(model: sm.Model) -> list[tuple[str, int, int]]:
     return found
 
 
-def _plans(model: sm.Model, layout: sm.Layout):
+def _plans(model: sm.Model, layout: sm.Layout, config: MuonConfig = CONFIG):
     groups = sm.build_groups(model, layout)
-    return groups, sm.plan_muon_ds(groups, CONFIG, 2)[0]
+    return groups, sm.plan_muon_ds(groups, config, 2)[0]
 
 
+@pytest.mark.parametrize("config", [CONFIG, TEAMS], ids=["owners", "teams"])
 @pytest.mark.parametrize(("model", "layout"), LAYOUTS, ids=IDS)
-def test_muon_ds_counts_are_the_plans_own(model, layout):
-    groups, plans = _plans(model, layout)
+def test_muon_ds_counts_are_the_plans_own(model, layout, config):
+    groups, plans = _plans(model, layout, config)
     for g in groups:
         for plan in plans[g.name]:
             cost = sm.muon_ds_cost(plan, 2)
@@ -83,7 +88,23 @@ def test_muon_ds_counts_are_the_plans_own(model, layout):
                 sent[src] += nbytes
             assert sent == [plan.bytes_sent(r, 2) for r in range(plan.world)]
             assert cost.ns_flops == [plan.ns_flops(r) for r in range(plan.world)]
-            assert cost.ns_calls == [plan.ns_matrices(r) for r in range(plan.world)]
+            everything = range(len(plan.matrices))
+            assert cost.ns_calls == [
+                plan.ns_matrices(r) + len(plan.teamed(r, everything)) for r in range(plan.world)
+            ]
+            # A team's collectives: a ring over its members, each sending its ring bytes.
+            team_sent = [0.0] * plan.world
+            for (src, _), nbytes in cost.team_flows.items():
+                team_sent[src] += nbytes
+            assert team_sent == [
+                sum(ring_bytes(m.team) for m in plan.matrices if m.team and r in m.ranks)
+                for r in range(plan.world)
+            ]
+            assert cost.team_calls == [
+                sum(calls for calls, _ in plan.team_traffic(r).values()) for r in range(plan.world)
+            ]
+    if config is TEAMS:
+        assert any(m.team for g in groups for plan in plans[g.name] for m in plan.matrices)
     # Over all groups and copies the plans hold each logical matrix of the model once
     # (TP copies of a replicated matrix count once: they are the same matrix).
     planned = sorted(
