@@ -211,6 +211,19 @@ class NsLedger:
             self.flops[global_rank] = self.flops.get(global_rank, 0) + load
 
 
+def experts_planned_first(owner_team_max: int) -> bool:
+    """Whether an MoE model's expert matrices are planned before its dense ones.
+
+    Each plan is greedy, largest matrix first, and balances against the load earlier plans
+    left. With teams (``owner_team_max`` > 1) a dense matrix too big for one rank splits,
+    so the experts, most of the work, go first and the dense matrices fill around them:
+    planned first, with only the dense work to share, every dense matrix would look too
+    big and form a team it does not need. Without teams the dense matrices, the largest
+    whole ones, go first (longest processing time first).
+    """
+    return owner_team_max > 1
+
+
 GroupViews = Mapping[str, Mapping[tuple[int, ...], Sequence[Sequence[ShardView]]]]
 """Exchange-group name -> member global ranks (group order) -> each member's views."""
 

@@ -5,13 +5,17 @@ dense model) and DP x TP x EP layouts, the script counts exactly what each schem
 and computes per step, then turns the counts into time with stated H100-like rates:
 
 * **muon_ds**: ``muon_ds.plan.build_plan`` over ``ShardView``s of ZeRO-1 element-wise
-  shards. Each logical matrix has one owner; straddling slices travel to it in bf16 and
-  the update travels back; Newton-Schulz runs once per matrix. Owners balance each rank's
-  total Newton-Schulz FLOPs over all its groups, as muon_ds's Megatron adapter plans them:
-  one per-rank ledger (``muon_ds.plan.NsLedger``), the dense optimizer's groups ("dense", then
-  "dense_tp") before the expert optimizer's, each group's copies in ascending global
-  ranks, each plan given its ranks' FLOPs so far as ``prior_flops``. Bytes and FLOPs are
-  the plans' own (``Plan.matrices`` pieces and owners, ``bytes_sent``).
+  shards. Each logical matrix has one owner, or (``--owner-team-max`` > 1) a team of ranks
+  of one node when it is too big for any one rank; straddling slices travel to it in bf16
+  and the update travels back; Newton-Schulz runs once per matrix (a team's collectives
+  run as rings over its members, charged at their bytes and a fixed latency per call).
+  Owners balance each rank's total Newton-Schulz load over all its groups, as muon_ds's
+  Megatron adapter plans them: one per-rank ledger (``muon_ds.plan.NsLedger``), the dense
+  optimizer's groups ("dense", then "dense_tp") and the expert optimizer's, the experts
+  first when teams are on (``muon_ds.plan.experts_planned_first``), each group's
+  copies in ascending global ranks, each plan given its ranks' load so far as
+  ``prior_flops``. Bytes and FLOPs are the plans' own (``Plan.matrices`` segments, owners
+  and teams, ``bytes_sent``, ``team_traffic``).
 * **Moonlight Algorithm 1**: from the same pieces, every rank holding part of a matrix
   receives the rest of it in bf16 (a DP gather, then a TP gather for TP-split matrices)
   and runs Newton-Schulz on the whole matrix itself.
@@ -36,12 +40,10 @@ NVLink speed, else at InfiniBand speed.
 
 **Exactness.** Every exchange group is planned whole, every layer (no layer is assumed
 to shard like another), and every copy of a group on its own views with its own priors:
-each EP rank's expert-DP group meets a different dense load, so its owners differ. One
-plan is shared, exactly: the DP groups of replicated (not TP-split) params have the same
-views on every TP rank and are planned first, on an empty ledger, so every TP copy's
-input, hence its plan, is identical (the planner is called once per distinct input).
-The unit tests replay the ledger plan by plan. (Under DeepSpeed, muon_ds plans per
-param group in the user's group order; that order is not modelled here.)
+each EP rank's expert-DP group meets a different dense load (or, experts first, each
+TP copy of the dense DP group a different expert load), so its owners may differ. The
+unit tests replay the ledger plan by plan. (Under DeepSpeed, muon_ds plans per param
+group in the user's group order; that order is not modelled here.)
 
 **Step time.** ``compute = 6 * N_active * tokens_per_gpu / (mfu * peak)``, with N_active
 every matmul weight a token passes through (top-k of the routed experts, the output

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from benchmarks.scale_model.specs import Model, ParamSpec, transformer_params
 from muon_ds.config import MuonConfig
 from muon_ds.layout import NOT_SPLIT, RowBlock, ShardView, TensorParallel, gated_blocks, qkv_blocks
-from muon_ds.plan import NsLedger, Plan, plan_groups
+from muon_ds.plan import NsLedger, Plan, experts_planned_first, plan_groups
 from muon_ds.testing.zero1 import even_split
+
+DENSE_CORE, EXPERT_CORE = ("dense", "dense_tp"), ("expert",)
+"""The groups each optimizer core of muon_ds's Megatron adapter plans."""
 
 
 @dataclass(frozen=True)
@@ -172,26 +175,30 @@ def plan_muon_ds(
 ) -> tuple[dict[str, list[Plan]], list[float]]:
     """Every copy of every group planned by production's own ``plan_groups``.
 
-    One ledger per model, as muon_ds's Megatron adapter keeps: the dense optimizer's core
-    plans "dense" then "dense_tp", the expert optimizer's core "expert" (sorted names give
-    this order), each group's copies in sorted order of their global ranks, each plan
-    balanced against the Newton-Schulz FLOPs its ranks already own. Teams
-    (``config.owner_team_max``) stay inside nodes of ``gpus_per_node`` consecutive ranks.
+    One ledger per model, as muon_ds's Megatron adapter keeps: one core plans "expert", the
+    other "dense" then "dense_tp" (sorted names), the experts' first when teams are on
+    (``muon_ds.plan.experts_planned_first``); each group's copies in sorted order of their
+    global ranks, each plan balanced against the Newton-Schulz load its ranks already have.
+    Teams (``config.owner_team_max``) stay inside nodes of ``gpus_per_node`` consecutive
+    ranks.
     Returns each group's plans in ``replicas`` order and the ledger (load per global rank).
     """
     world = 1 + max(r for g in groups for ranks in g.replicas for r in ranks)
     ledger = NsLedger()
-    planned = plan_groups(
-        {g.name: dict(zip(g.replicas, g.views, strict=True)) for g in groups},
-        ledger,
-        ns_steps=config.ns_steps,
-        ns_algorithm=config.ns_algorithm,
-        imbalance_limit=config.owner_imbalance_limit,
-        bucket_bytes=int(config.exchange_bucket_mb * 2**20),
-        wire_bytes=wire_bytes,
-        max_team=config.owner_team_max,
-        nodes={r: r // gpus_per_node for r in range(world)},
-        flops_per_byte=config.team_flops_per_byte,
-    )
+    planned = {}
+    experts_first = experts_planned_first(config.owner_team_max)
+    for core in (EXPERT_CORE, DENSE_CORE) if experts_first else (DENSE_CORE, EXPERT_CORE):
+        planned |= plan_groups(
+            {g.name: dict(zip(g.replicas, g.views, strict=True)) for g in groups if g.name in core},
+            ledger,
+            ns_steps=config.ns_steps,
+            ns_algorithm=config.ns_algorithm,
+            imbalance_limit=config.owner_imbalance_limit,
+            bucket_bytes=int(config.exchange_bucket_mb * 2**20),
+            wire_bytes=wire_bytes,
+            max_team=config.owner_team_max,
+            nodes={r: r // gpus_per_node for r in range(world)},
+            flops_per_byte=config.team_flops_per_byte,
+        )
     plans = {g.name: [planned[g.name, ranks] for ranks in g.replicas] for g in groups}
     return plans, ledger.of(range(world))

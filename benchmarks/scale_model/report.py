@@ -92,6 +92,40 @@ def markdown(rows: Sequence[dict]) -> str:
     )
 
 
+VARIANTS = (("standard", 1), ("auto", 1), ("standard", 8), ("auto", 8))
+"""(ns_algorithm, owner_team_max) of ``--compare``: Gram and teams off and on."""
+
+
+def compare(layouts: Sequence[tuple[str, Layout]], rates: Rates) -> tuple[str, list[dict]]:
+    """muon_ds's time parts on every layout under each of ``VARIANTS`` (slowest rank)."""
+    lines = [
+        "| model | GPUs | layout | ns_algorithm | teams of at most | share | exchange ms | "
+        "team ms | NS ms | elementwise ms | NS max/mean |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    found = []
+    for key, layout in layouts:
+        for algorithm, teams in VARIANTS:
+            config = MuonConfig(ns_algorithm=algorithm, owner_team_max=teams)
+            r = model_layout(MODELS[key], layout, rates, config)["schemes"]["muon_ds"]
+            found.append(
+                {
+                    "model": key,
+                    "layout": layout.label(),
+                    "gpus": layout.gpus,
+                    "ns_algorithm": algorithm,
+                    "owner_team_max": teams,
+                    **r,
+                }
+            )
+            lines.append(
+                f"| {key} | {layout.gpus} | {layout.label()} | {algorithm} | {teams} | "
+                f"{_pct(r['share'])} | {r['exchange_ms']:.2f} | {r['team_ms']:.2f} | "
+                f"{r['ns_ms']:.2f} | {r['elementwise_ms']:.2f} | {r['ns_imbalance']:.2f} |"
+            )
+    return "\n".join(lines), found
+
+
 def plot(rows: Sequence[dict], path: Path) -> None:
     import matplotlib
 
@@ -171,6 +205,11 @@ def main() -> None:
         help="muon_ds's largest owner team (MuonConfig.owner_team_max; default 1: no teams)",
     )
     parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also print muon_ds's time parts with Gram and teams off and on (four runs)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("out/scale_model"), help="writes OUT.json and OUT.png"
     )
     args = parser.parse_args()
@@ -204,6 +243,11 @@ def main() -> None:
         rows.append(row)
     print()
     print(markdown(rows))
+    variants: list[dict] = []
+    if args.compare:
+        table, variants = compare(layouts, rates)
+        print("\nmuon_ds: where the slowest rank's time goes, Gram and teams off and on\n")
+        print(table)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -213,6 +257,7 @@ def main() -> None:
         "muon_config": dataclasses.asdict(config),
         "models": {k: MODELS[k].description for k in dict.fromkeys(k for k, _ in layouts)},
         "rows": rows,
+        "variants": variants,
     }
     json_path, png_path = args.out.with_suffix(".json"), args.out.with_suffix(".png")
     json_path.write_text(json.dumps(report, indent=1))

@@ -96,6 +96,17 @@ def add_muon_ds_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="muon_ds: max/mean Newton-Schulz FLOPs per rank before moving a matrix",
     )
     group.add_argument(
+        "--muon-owner-team-max",
+        type=int,
+        help="muon_ds: most ranks of one node that may orthogonalise one matrix together "
+        "(default 1: one owner per matrix)",
+    )
+    group.add_argument(
+        "--muon-team-flops-per-byte",
+        type=float,
+        help="muon_ds: Newton-Schulz FLOPs one byte of team traffic costs as much time as",
+    )
+    group.add_argument(
         "--muon-exchange-bucket-mb", type=float, help="muon_ds: wire MiB per exchange bucket"
     )
     group.add_argument(
@@ -167,6 +178,8 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
         "muon_patterns": args.muon_patterns,
         "adamw_patterns": args.muon_adamw_patterns,
         "owner_imbalance_limit": args.muon_owner_imbalance_limit,
+        "owner_team_max": args.muon_owner_team_max,
+        "team_flops_per_byte": args.muon_team_flops_per_byte,
         "exchange_bucket_mb": args.muon_exchange_bucket_mb,
     }
     fields.update({k: v for k, v in direct.items() if v is not None})

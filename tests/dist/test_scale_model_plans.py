@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from benchmarks import scale_model as sm
 from muon_ds.config import MuonConfig
-from muon_ds.plan import NsLedger
+from muon_ds.plan import NsLedger, experts_planned_first
 from muon_ds.sharded import ShardedMuonCore
 from tests.dist.zero1 import run_ranks
 from tests.unit.test_scale_model import TINY_DENSE, TINY_MOE
@@ -30,8 +30,8 @@ TEAMS = MuonConfig(
     ns_dtype="bfloat16", owner_imbalance_limit=1.0, owner_team_max=4, team_flops_per_byte=0.0
 )
 """The same with teams (one host: one node, as the scale model's 8-GPU nodes at 4 ranks)."""
-OPTIMIZERS = (("dense", "dense_tp"), ("expert",))
-"""The exchange groups of each Megatron optimizer, in the order the adapter builds them."""
+DENSE, EXPERT = ("dense", "dense_tp"), ("expert",)
+"""The exchange groups of each Megatron optimizer."""
 
 
 def _production_plans(
@@ -46,7 +46,9 @@ def _production_plans(
                 process_groups[group.name] = created
     ledger = NsLedger()
     owners = {}
-    for names in OPTIMIZERS:
+    # In the order the adapter builds them (muon_ds.megatron.factory).
+    experts_first = experts_planned_first(config.owner_team_max)
+    for names in (EXPERT, DENSE) if experts_first else (DENSE, EXPERT):
         mine = [g for g in groups if g.name in names]
         if not mine:
             continue

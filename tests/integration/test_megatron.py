@@ -73,6 +73,9 @@ class Scenario:
     inf_step: int | None = None
     """At this step rank 0's gradient buffers are all Inf, as an fp16 overflow leaves them
     on one rank: every rank must skip the step."""
+    teams: bool = False
+    """Owner teams of up to 4 ranks, their traffic weighed at nothing and the balance
+    tightest, so the small model forms them (the experts then plan first)."""
     hook: bool = False
     """Build through ``megatron.training``'s ``get_megatron_optimizer`` name, as the
     launch entry does after ``use_muon_ds``; else call ``get_muon_ds_optimizer``."""
@@ -104,14 +107,19 @@ def _train(rank: int, world: int, shape: models.Shape, scenario: Scenario) -> di
         )
         precision = FP16 if scenario.fp16 else {}
         optimizer_config = models.optimizer_config(LR, WEIGHT_DECAY, clip_grad=CLIP, **precision)
+        config = CONFIG
+        if scenario.teams:
+            config = CONFIG.replace(
+                owner_team_max=4, team_flops_per_byte=0.0, owner_imbalance_limit=1.0
+            )
         if scenario.hook:
             from megatron.training import training
 
-            use_muon_ds(CONFIG, "qkv", scenario.tp_mode)
+            use_muon_ds(config, "qkv", scenario.tp_mode)
             optimizer = training.get_megatron_optimizer(optimizer_config, [ddp])
         else:
             optimizer = get_muon_ds_optimizer(
-                optimizer_config, [ddp], CONFIG, tp_mode=scenario.tp_mode
+                optimizer_config, [ddp], config, tp_mode=scenario.tp_mode
             )
         scheduler = models.constant_schedule(optimizer, LR, WEIGHT_DECAY, STEPS)
         param_syncs = _count_param_syncs(ddp)
@@ -148,6 +156,11 @@ def _train(rank: int, world: int, shape: models.Shape, scenario: Scenario) -> di
         report["saved_scaler"] = "grad_scaler" in optimizer.chained_optimizers[0].state_dict()
         report["bucket_groups"] = len(ddp.bucket_groups + ddp.expert_parallel_bucket_groups)
         report["non_finite_step"] = _non_finite_step(ddp, optimizer, rank)
+        report["teams"] = {
+            name: sum(m.team is not None for m in plan.matrices)
+            for part in optimizer.chained_optimizers
+            for name, plan in part.optimizer.plans.items()
+        }
         return report
     finally:
         ps.destroy_model_parallel()
@@ -269,6 +282,11 @@ def moe_ep2() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
+def moe_ep2_teams() -> list[dict[str, Any]]:
+    return run_ranks(4, _train, models.MOE, Scenario(ep=2, teams=True))
+
+
+@pytest.fixture(scope="module")
 def dense_pp2_tp2() -> list[dict[str, Any]]:
     """Two pipeline stages of one layer each, TP=2 within a stage, DP=1."""
     return run_ranks(4, _train, models.DENSE, Scenario(tp=2, pp=2))
@@ -310,6 +328,13 @@ def test_tp2_dp2_dense_gpt_equals_single_process_muon_on_unsharded_model(dense_t
 
 def test_ep2_moe_gpt_equals_single_process_muon_on_unsharded_model(moe_ep2) -> None:
     _assert_equal_to_reference(moe_ep2)
+
+
+def test_ep2_moe_gpt_with_owner_teams_equals_single_process_muon(moe_ep2_teams) -> None:
+    """Dense and expert matrices orthogonalised by teams of ranks (the experts planned
+    first), the dense ones beside whole-matrix owners."""
+    assert all(r["teams"]["dense"] > 0 for r in moe_ep2_teams), moe_ep2_teams[0]["teams"]
+    _assert_equal_to_reference(moe_ep2_teams)
 
 
 def test_blockwise_tp_mode_equals_single_process_muon_on_each_tp_ranks_blocks(

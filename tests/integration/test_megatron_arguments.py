@@ -223,3 +223,12 @@ def test_gpu_launcher_flags_pass_megatron_and_muon_ds_validation_on_8_gpus(
     assert args.use_distributed_optimizer
     assert args.distributed_backend == "nccl"
     assert config == MuonConfig(lr=2e-3, weight_decay=0.1, adamw_betas=(0.9, 0.95))
+
+
+def test_owner_team_flags_set_the_config(monkeypatch) -> None:
+    args = _parse(
+        monkeypatch, *MUON, "--muon-owner-team-max", "8", "--muon-team-flops-per-byte", "500"
+    )
+    config = muon_config_from_args(args)
+    assert (config.owner_team_max, config.team_flops_per_byte) == (8, 500.0)
+    assert muon_config_from_args(_parse(monkeypatch, *MUON)).owner_team_max == 1

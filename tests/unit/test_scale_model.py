@@ -258,8 +258,9 @@ MOE_IDS = ["dp4-ep2", "dp4xtp2-ep2", "dp16-ep2"]
 
 @pytest.mark.parametrize("layout", MOE_LAYOUTS, ids=MOE_IDS)
 def test_muon_ds_plans_each_copy_against_the_flops_its_ranks_own_in_earlier_plans(layout):
-    """As muon_ds's Megatron adapter: the dense core plans "dense" then "dense_tp", then
-    the expert core "expert"; copies in ascending global ranks; one ledger throughout."""
+    """As muon_ds's Megatron adapter without teams: the dense core plans "dense" then
+    "dense_tp", then the expert core "expert"; copies in ascending global ranks; one
+    ledger throughout."""
     groups = {g.name: g for g in sm.build_groups(TINY_MOE, layout)}
     plans, ledger = sm.plan_muon_ds(list(groups.values()), CONFIG, 2)
     owned = [0] * layout.gpus
