@@ -23,6 +23,7 @@ from muon_ds.math import all_finite
 from muon_ds.math.team_newton_schulz import TeamOps
 from muon_ds.matrices import MatrixPlan, Segment
 from muon_ds.plan import Plan
+from muon_ds.staging import HeldRange, Slot, permuted, stage, staged, unstage
 
 
 @dataclass
@@ -61,38 +62,8 @@ OrthogonalizeBlock = Callable[[torch.Tensor, TeamOps, str], torch.Tensor]
 """Team Newton-Schulz of this member's wide block, with the team's ops, in a team mode."""
 
 
-@dataclass(frozen=True)
-class Slot:
-    """A ``rows x width`` rectangle of this rank's optimizer buffer ``buffer``: from flat
-    element ``begin``, rows ``stride`` apart (one row: a plain range)."""
-
-    buffer: int
-    begin: int
-    rows: int
-    width: int
-    stride: int
-
-    def view(self, flat: torch.Tensor) -> torch.Tensor:
-        """The rectangle of the flat tensor ``flat``, as a ``[rows, width]`` view."""
-        return _rectangle(flat, self.begin, self.rows, self.width, self.stride)
-
-
 Deliver = Callable[[MatrixPlan, Slot, torch.Tensor], None]
 """Receives the orthogonal factor (``[rows, width]``) of one segment this rank holds."""
-
-
-@dataclass(frozen=True)
-class HeldRange:
-    """Where this rank's flat range of one (TP-local) parameter lies in its buffers."""
-
-    buffer: int
-    """Index of the buffer holding it."""
-
-    offset: int
-    """Position of the range's first element in that buffer."""
-
-    start: int
-    """Flat index in the parameter of that first element."""
 
 
 class Exchange:
@@ -254,7 +225,7 @@ class Exchange:
             self.counter.ns_flops += sum(m.flops for m in group)
             for matrix, orthogonal in zip(group, result, strict=True):
                 self._hand_out(
-                    matrix, _unstage(matrix, orthogonal.to(self.wire_dtype)), deliver, outgoing
+                    matrix, unstage(matrix, orthogonal.to(self.wire_dtype)), deliver, outgoing
                 )
 
     def _orthogonalize_block(
@@ -278,7 +249,7 @@ class Exchange:
         staging = block.view(-1)
         for segment in matrix.segments:
             if segment.member == self.rank:
-                _staged(staging, segment).copy_(self._source(matrix, segment, incoming, directions))
+                staged(staging, segment).copy_(self._source(matrix, segment, incoming, directions))
         ops = self._team_ops(team.members)
         wide = orthogonalize_block(block.mT if long_rows else block, ops, team.mode)
         result = (wide.mT if long_rows else wide).to(self.wire_dtype).contiguous()
@@ -297,7 +268,7 @@ class Exchange:
         for segment in matrix.segments:
             if segment.member != self.rank:
                 continue
-            values = _staged(staging, segment)
+            values = staged(staging, segment)
             if segment.holder == self.rank:
                 deliver(matrix, self._slot_of(matrix.name, segment), values)
             else:
@@ -337,10 +308,10 @@ class Exchange:
         for matrix, row in zip(group, staging, strict=True):
             for segment in matrix.segments:
                 source = self._source(matrix, segment, incoming, directions)
-                _staged(row, segment).copy_(source)
-        if not any(_permuted(m) for m in group):
+                staged(row, segment).copy_(source)
+        if not any(permuted(m) for m in group):
             return staging.view(len(group), group[0].rows, group[0].cols)
-        return torch.stack([_stage(m, row) for m, row in zip(group, staging, strict=True)])
+        return torch.stack([stage(m, row) for m, row in zip(group, staging, strict=True)])
 
 
 def all_ranks_finite(
@@ -358,43 +329,6 @@ def all_ranks_finite(
         if counter is not None:
             counter.record("finite_check", "world", bad.element_size())
     return not bool(bad.item())
-
-
-def _permuted(matrix: MatrixPlan) -> bool:
-    """Whether staging order differs from the logical matrix's (TP-split columns)."""
-    return matrix.tp_dim == 1 and matrix.tp_size > 1
-
-
-def _stage(matrix: MatrixPlan, staging: torch.Tensor) -> torch.Tensor:
-    """Flat staging buffer -> the logical matrix (a view for tp_dim 0, a copy for dim 1)."""
-    if _permuted(matrix):
-        local_cols = matrix.cols // matrix.tp_size
-        return (
-            staging.view(matrix.tp_size, matrix.rows, local_cols)
-            .permute(1, 0, 2)
-            .reshape(matrix.rows, matrix.cols)
-        )
-    return staging.view(matrix.rows, matrix.cols)
-
-
-def _unstage(matrix: MatrixPlan, orthogonal: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``_stage``: the logical matrix back to staging (flat) order."""
-    if _permuted(matrix):
-        local_cols = matrix.cols // matrix.tp_size
-        return orthogonal.view(matrix.rows, matrix.tp_size, local_cols).permute(1, 0, 2).reshape(-1)
-    return orthogonal.reshape(-1)
-
-
-def _rectangle(flat: torch.Tensor, begin: int, rows: int, width: int, stride: int) -> torch.Tensor:
-    """``rows x width`` elements of the flat tensor ``flat`` from ``begin``, rows ``stride``
-    apart, as a view."""
-    span = flat[begin : begin + (rows - 1) * stride + width]
-    return span.as_strided((rows, width), (stride, 1))
-
-
-def _staged(staging: torch.Tensor, segment: Segment) -> torch.Tensor:
-    """Where ``segment`` lies in its owner's or member's flat staging buffer (a view)."""
-    return _rectangle(staging, segment.staging, segment.rows, segment.width, segment.staging_stride)
 
 
 def _pack(chunks: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

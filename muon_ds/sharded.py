@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from muon_ds.agreement import check_agreement, local_problem
 from muon_ds.closure import loss_from_closure
-from muon_ds.comm import CommCounter, Exchange, HeldRange, Slot, all_ranks_finite
+from muon_ds.comm import CommCounter, Exchange, all_ranks_finite
 from muon_ds.config import MuonConfig
 from muon_ds.device import resolve_ns_dtype
 from muon_ds.kernels import orthogonalize, orthogonalize_block
@@ -42,6 +42,7 @@ from muon_ds.math import (
 )
 from muon_ds.matrices import MatrixPlan
 from muon_ds.plan import NsLedger, Plan, plan_groups
+from muon_ds.staging import HeldRange, Slot
 
 logger = logging.getLogger("muon_ds")
 

@@ -166,32 +166,24 @@ def get_muon_ds_optimizer(
         optimizer.expert_tp_group = parallel_state.get_expert_tensor_parallel_group()
         return optimizer
 
-    def build_dense() -> MuonDistributedOptimizer | None:
-        return build(
-            False,
+    placement = {  # is_expert -> where its matrices are exchanged and its ZeRO shards lie
+        False: dict(
             exchange_groups={DENSE: data_parallel, DENSE_TP: tensor_and_data},
             data_parallel_group=data_parallel,
             data_parallel_group_gloo=groups["intra_dp_cp_group_gloo"],
             data_parallel_group_idx=get_pg_rank(groups["mp_group"]),
-        )
-
-    def build_experts() -> MuonDistributedOptimizer | None:
-        return build(
-            True,
+        ),
+        True: dict(
             exchange_groups=_expert_exchange_groups(groups["intra_expt_dp_group"], layout),
             data_parallel_group=groups["intra_expt_dp_group"],
             data_parallel_group_gloo=groups["intra_expt_dp_group_gloo"],
             data_parallel_group_idx=get_pg_rank(groups["expt_tp_pp_with_egtp_remat_group"]),
-        )
-
+        ),
+    }
     # Each optimizer plans as it is built; the chain keeps Megatron's order, dense first.
-    if experts_planned_first(muon_config.owner_team_max):
-        experts = build_experts()
-        dense = build_dense()
-    else:
-        dense = build_dense()
-        experts = build_experts()
-    optimizers = [o for o in (dense, experts) if o is not None]
+    order = (True, False) if experts_planned_first(muon_config.owner_team_max) else (False, True)
+    built = {is_expert: build(is_expert, **placement[is_expert]) for is_expert in order}
+    optimizers = [o for o in (built[False], built[True]) if o is not None]
     _print_ns_dtype(model_chunks, muon_config)
     return ChainedOptimizer(optimizers)
 

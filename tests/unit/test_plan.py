@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from muon_ds.comm import _stage, _unstage
 from muon_ds.layout import RowBlock, ShardView, TensorParallel, expert_blocks
 from muon_ds.math import newton_schulz_flops
 from muon_ds.math.gram_newton_schulz import ns_flops
 from muon_ds.plan import NsLedger, PlanError, build_plan, plan_groups
+from muon_ds.staging import stage, unstage
 from muon_ds.testing.zero1 import even_split
 
 
@@ -148,7 +148,7 @@ def test_staging_places_each_local_element_at_its_logical_position(views_by_rank
         for piece in matrix.pieces:
             values = locals_[piece.tp_rank].reshape(-1)[piece.lo : piece.hi]
             staging[piece.staging : piece.staging + piece.numel] = values
-        assembled = _stage(matrix, staging)
+        assembled = stage(matrix, staging)
         blocks = view.matrix_blocks()
         mine = [
             torch.cat([local[b.start : b.end] for b in blocks if b.key == matrix.key])
@@ -156,7 +156,7 @@ def test_staging_places_each_local_element_at_its_logical_position(views_by_rank
         ]
         expected = torch.cat(mine, dim=1 if matrix.tp_dim == 1 else 0)
         assert torch.equal(assembled, expected)
-        assert torch.equal(_unstage(matrix, assembled), staging)
+        assert torch.equal(unstage(matrix, assembled), staging)
 
 
 def test_a_matrix_wholly_inside_one_shard_is_local_and_moves_nothing():
