@@ -76,10 +76,8 @@ class MuonConfig:
     ns_algorithm: str = "standard"
     """``standard``: iterate on the matrix; ``gram``: the same polynomial through the short
     side's Gram matrix (``muon_ds.math.gram_newton_schulz``: fewer FLOPs once the long side
-    passes 1.5 x the short one); ``auto``: Gram exactly where it takes fewer FLOPs. Gram runs
-    on the torch path (the Triton kernel implements the standard iteration), so it does not
-    combine with ``ns_backend="triton"``; with ``auto`` the kernel keeps the standard
-    matrices."""
+    passes 1.5 x the short one); ``auto``: Gram exactly where it takes fewer FLOPs. Either
+    runs on the backend ``ns_backend`` picks (the Triton kernels do both)."""
 
     scale_mode: str = "moonlight"
     """Update scale for an [A, B] matrix: ``moonlight`` 0.2*sqrt(max(A, B)),
@@ -141,13 +139,6 @@ class MuonConfig:
         _check_number("ns_eps", self.ns_eps, low=0.0, low_open=True)
         _check_choice("ns_backend", self.ns_backend, NS_BACKENDS)
         _check_choice("ns_algorithm", self.ns_algorithm, NS_ALGORITHMS)
-        if self.ns_backend == "triton" and self.ns_algorithm != "standard":
-            raise MuonConfigError(
-                f"ns_algorithm={self.ns_algorithm!r} is not allowed with ns_backend='triton': "
-                "the Triton kernel implements the standard iteration only; use "
-                "ns_backend='auto' (Gram on the torch path, the kernel for the rest) or "
-                "ns_algorithm='standard'"
-            )
         _check_choice("scale_mode", self.scale_mode, SCALE_MODES)
         betas = self.adamw_betas
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):

@@ -1,16 +1,17 @@
 """GPU check, part b: Newton-Schulz speed and accuracy on the shapes LLM training meets.
 
 For each shape: the torch bf16 reference (``muon_ds.math.newton_schulz``), the same under
-``torch.compile``, and muon_ds's fused Triton kernel, 5 Moonlight steps each. Time is the
+``torch.compile``, muon_ds's fused Triton kernel, and Gram Newton-Schulz on torch and on
+the kernels, 5 Moonlight steps each. Time is the
 median of ``repeats`` timed runs after warm-up (CUDA events on a GPU; the first warm-up
 run also autotunes the kernel and compiles the compiled reference). TFLOP/s divides the
 reference's FLOP count by the time for every implementation, so a ratio of TFLOP/s is a
 speed-up even where the kernel does fewer FLOPs (it exploits symmetry). The device's
 bf16 peak is measured in the same run (a large matmul) and, for H100/H200, also taken
 from the datasheet. Error: relative Frobenius distance to the float64 iteration on the
-same input. The check fails if the kernel's error exceeds the reference's by more than
-the kernel tests' margin; the speed goals are reported, not checked (speed is a
-measurement, never a pass/fail of correctness).
+same input. The check fails if the kernel's error exceeds the reference's (the Gram
+kernels': torch Gram's) by more than the kernel tests' margin; the speed goals are
+reported, not checked (speed is a measurement, never a pass/fail of correctness).
 
     python -m benchmarks.gpu_check.kernel_speed --out out/gpu_check [--dry-run]
 """
@@ -27,7 +28,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu_check import PartResult, device_name, markdown_table, write_result
+from muon_ds.device import gram_chain_dtype
 from muon_ds.math import newton_schulz, newton_schulz_flops
+from muon_ds.math.gram_newton_schulz import gram_newton_schulz
 
 STEPS = 5
 Case = tuple[str, tuple[int, int, int]]  # label, (batch, rows, cols)
@@ -79,14 +82,24 @@ def timer(
 
 
 def implementations(device: torch.device) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The reference first (ratios are to it), then its compiled form, then the kernel."""
-    from muon_ds.kernels.triton_newton_schulz import newton_schulz_triton
+    """The reference first (ratios are to it), then its compiled form, then the kernel;
+    then Gram Newton-Schulz on torch and on the kernels, its chain in the dtype muon_ds
+    gives it on this device (``muon_ds.device.gram_chain_dtype``)."""
+    from muon_ds.kernels.triton_newton_schulz import (
+        gram_newton_schulz_triton,
+        newton_schulz_triton,
+    )
 
+    chain = gram_chain_dtype(torch.bfloat16, device)
     reference = lambda x: newton_schulz(x, steps=STEPS)  # noqa: E731
     return {
         "torch bf16 reference": reference,
         "torch.compile(reference)": torch.compile(reference, dynamic=False),
         "muon_ds triton": lambda x: newton_schulz_triton(x, steps=STEPS),
+        "torch gram": lambda x: gram_newton_schulz(x, steps=STEPS, chain_dtype=chain),
+        "muon_ds triton gram": lambda x: gram_newton_schulz_triton(
+            x, steps=STEPS, chain_dtype=chain
+        ),
     }
 
 
@@ -138,13 +151,15 @@ def check(rows: list[dict]) -> list[str]:
     by_case: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_case.setdefault(row["case"], {})[row["implementation"]] = row
+    pairs = (("muon_ds triton", "torch bf16 reference"), ("muon_ds triton gram", "torch gram"))
     for case, impls in by_case.items():
-        kernel, reference = impls["muon_ds triton"], impls["torch bf16 reference"]
-        if not kernel["error_vs_fp64"] <= ERROR_MARGIN * reference["error_vs_fp64"]:
-            failures.append(
-                f"{case}: kernel error {kernel['error_vs_fp64']:.3e} > {ERROR_MARGIN} x "
-                f"reference's {reference['error_vs_fp64']:.3e}"
-            )
+        for kernel_name, reference_name in pairs:
+            kernel, reference = impls[kernel_name], impls[reference_name]
+            if not kernel["error_vs_fp64"] <= ERROR_MARGIN * reference["error_vs_fp64"]:
+                failures.append(
+                    f"{case}: {kernel_name} error {kernel['error_vs_fp64']:.3e} > "
+                    f"{ERROR_MARGIN} x {reference_name}'s {reference['error_vs_fp64']:.3e}"
+                )
     return failures
 
 

@@ -3,10 +3,10 @@
 ``kernel_tests`` (part a): the Newton-Schulz reference's tests, the Triton kernel's
 tests and the AdamW part's bit-for-bit test with ``MUON_DS_TEST_DEVICE=cuda``: the
 kernel compiled, not interpreted, and AdamW through torch's fused CUDA kernel.
-``sharded_step`` (part c): the gloo multi-process tests of the sharded step with every
-buffer on the GPU (gloo carries CUDA tensors; NCCL refuses two ranks on one GPU): equal
-to single-process Muon on the same GPU, bucketed overlap included, and the host
-synchronisations of each step counted. ``--dry-run`` runs a few of the same tests on the
+``sharded_step`` (part c): the gloo multi-process tests of the sharded step (owner teams
+included) with every buffer on the GPU (gloo carries CUDA tensors; NCCL refuses two ranks
+on one GPU): equal to single-process Muon on the same GPU, bucketed overlap included, and
+the host synchronisations of each step counted. ``--dry-run`` runs a few of the same tests on the
 CPU, so the wiring stays alive in CI without duplicating the suite.
 
     python -m benchmarks.gpu_check.pytest_part {kernel_tests,sharded_step} --out DIR [--dry-run]
@@ -34,7 +34,12 @@ SUITES: dict[str, tuple[list[str], list[str]]] = {
         ["tests/unit/test_triton_newton_schulz.py", "-k", "symmetric_product"],
     ),
     "sharded_step": (
-        ["tests/dist/test_sharded_muon.py", "-k", "not bad_input and not non_finite"],
+        [
+            "tests/dist/test_sharded_muon.py",
+            "tests/dist/test_owner_teams.py",
+            "-k",
+            "not bad_input and not non_finite",
+        ],
         ["tests/dist/test_sharded_muon.py", "-k", "data_parallel_shards and dp2"],
     ),
 }

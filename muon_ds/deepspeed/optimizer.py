@@ -45,7 +45,7 @@ from muon_ds.device import describe_ns_dtype
 from muon_ds.layout import ShardView
 from muon_ds.math import matrix_shape
 from muon_ds.patches import deepspeed_zero as zero
-from muon_ds.plan import NsLedger
+from muon_ds.plan import NsLedger, Plan
 from muon_ds.routing import RoutedTensor, RoutingReport, print_on_rank0
 from muon_ds.sharded import ShardedMuonCore
 
@@ -179,8 +179,17 @@ class OrthogonalizedZeroOptimizer(ZeroCheckpointing, torch.optim.Optimizer):
         return sum(core.counter.exchange_bytes() for core in self._cores.values())
 
     def ns_matrices(self) -> int:
-        """Matrices this rank orthogonalised since construction (all groups)."""
+        """Matrices this rank orthogonalised whole since construction (all groups)."""
         return sum(core.counter.ns_matrices for core in self._cores.values())
+
+    def plans(self) -> dict[tuple[Any, str], Plan]:
+        """The plan of every exchange this rank takes part in, by (param group key,
+        exchange group name): owners, teams, segments, predicted bytes."""
+        return {
+            (key, name): plan
+            for key, core in self._cores.items()
+            for name, plan in core.plans.items()
+        }
 
 
 def _print_effective_config(config: MuonConfig, groups: list[dict[str, Any]]) -> None:

@@ -10,7 +10,7 @@ imported only when the kernel is used, so muon_ds imports without it.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -27,22 +27,14 @@ def orthogonalize(batch: torch.Tensor, config: MuonConfig) -> torch.Tensor:
     ``config.ns_algorithm`` says so for this shape (the planner counts the same FLOPs)."""
     dtype = resolve_ns_dtype(config.ns_dtype, batch.device)
     rows, cols = batch.shape[-2:]
-    if uses_gram(rows, cols, config.ns_steps, config.ns_algorithm):
-        return gram_newton_schulz(
-            batch,
-            steps=config.ns_steps,
-            coefficients=config.ns_coefficients,
-            eps=config.ns_eps,
-            dtype=dtype,
-            chain_dtype=gram_chain_dtype(dtype, batch.device),
-        )
-    return _implementation(batch, config, dtype)(
-        batch,
-        steps=config.ns_steps,
-        coefficients=config.ns_coefficients,
-        eps=config.ns_eps,
-        dtype=dtype,
+    options = dict(
+        steps=config.ns_steps, coefficients=config.ns_coefficients, eps=config.ns_eps, dtype=dtype
     )
+    kernels = _kernels(batch) if _uses_kernel(batch, config, dtype) else None
+    if uses_gram(rows, cols, config.ns_steps, config.ns_algorithm):
+        gram = kernels.gram_newton_schulz_triton if kernels else gram_newton_schulz
+        return gram(batch, **options, chain_dtype=gram_chain_dtype(dtype, batch.device))
+    return (kernels.newton_schulz_triton if kernels else newton_schulz)(batch, **options)
 
 
 def orthogonalize_block(
@@ -63,25 +55,23 @@ def orthogonalize_block(
     )
 
 
-def _implementation(
-    batch: torch.Tensor, config: MuonConfig, dtype: torch.dtype
-) -> Callable[..., torch.Tensor]:
-    """The Newton-Schulz function ``config.ns_backend`` selects for ``batch`` in ``dtype``.
+def _uses_kernel(batch: torch.Tensor, config: MuonConfig, dtype: torch.dtype) -> bool:
+    """Whether ``config.ns_backend`` selects the Triton kernels for ``batch`` in ``dtype``.
 
-    ``auto`` takes the kernel only where it pays: bf16 on a CUDA tensor, triton installed
-    (in fp32 the kernel has no tensor-core path: fp32 is what "auto" resolves to on GPUs
+    ``auto`` takes them only where they pay: bf16 on a CUDA tensor, triton installed (in
+    fp32 the kernels have no tensor-core path: fp32 is what "auto" resolves to on GPUs
     without bf16 tensor cores, and what tight tests force). ``triton`` insists, and also
     runs on the CPU when the kernel module was imported under TRITON_INTERPRET=1 (Triton's
     interpreter: how the tests run it).
     """
     if config.ns_backend == "auto":
-        fast = batch.is_cuda and dtype == torch.bfloat16 and _triton_installed()
-        return _kernel(batch) if fast else newton_schulz
-    return newton_schulz if config.ns_backend == "torch" else _kernel(batch)
+        return batch.is_cuda and dtype == torch.bfloat16 and _triton_installed()
+    return config.ns_backend == "triton"
 
 
-def _kernel(batch: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """The Triton Newton-Schulz, or a clear error saying why it cannot run on ``batch``."""
+def _kernels(batch: torch.Tensor) -> ModuleType:
+    """The Triton Newton-Schulz module, or a clear error saying why it cannot run on
+    ``batch``."""
     if not _triton_installed():
         raise RuntimeError(
             "ns_backend='triton' needs the triton package (pip install 'muon_ds[triton]'); "
@@ -95,7 +85,7 @@ def _kernel(batch: torch.Tensor) -> Callable[..., torch.Tensor]:
             "TRITON_INTERPRET=1 before importing muon_ds.kernels.triton_newton_schulz to run "
             "the kernel on the CPU (slow: for tests), or use ns_backend='auto' or 'torch'"
         )
-    return triton_newton_schulz.newton_schulz_triton
+    return triton_newton_schulz
 
 
 def _triton_installed() -> bool:

@@ -17,6 +17,11 @@ the iteration dtype (bf16 by default) and every product accumulates in fp32, so 
 output element is rounded once instead of after every op. A leading batch dim (a layer's
 experts, Q/K/V blocks) is the grid's second axis: one launch per kernel for the whole
 stack. Masks make any shape work, not only tile multiples.
+
+Gram Newton-Schulz (``gram_newton_schulz_triton``, the iteration of
+``muon_ds.math.gram_newton_schulz``) runs on the same three kernels: its ``X Xᵀ`` and
+``b A + c A A`` are the symmetric products, and every other product has the form
+``B Y + a Y`` (``a Q + Z Q``, ``a A + Z A``; ``Q X`` with ``a = 0``).
 """
 
 # Triton convention: matrix sizes and compile-time constants are upper case.
@@ -24,11 +29,14 @@ stack. Masks make any shape work, not only tile multiples.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from muon_ds.math import coefficient_schedule
+from muon_ds.math.gram_newton_schulz import RESTARTS
 from muon_ds.math.newton_schulz import normalized_wide_stack
 
 INTERPRETED: bool = triton.knobs.runtime.interpret
@@ -300,4 +308,46 @@ def newton_schulz_triton(
         symmetric_product(x, gram)
         symmetric_product(gram, poly, alpha=c, beta=b, add=gram)  # A A = A Aᵀ: A symmetric
         x, spare = matmul_add(poly, x, spare, alpha=a), x
+    return restore(x)
+
+
+def gram_newton_schulz_triton(
+    matrix: torch.Tensor,
+    *,
+    steps: int = 5,
+    coefficients: str = "moonlight",
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+    chain_dtype: torch.dtype | None = None,
+    restarts: Sequence[int] = RESTARTS,
+) -> torch.Tensor:
+    """``muon_ds.math.gram_newton_schulz`` (same arguments, same result up to rounding) on
+    the same fused kernels: ``X Xᵀ`` and ``b A + c A A`` as symmetric products, every other
+    ``m x m`` product (``a Q + Z Q``, ``a A + Z A``) and ``Q X`` as ``matmul_add``. Each
+    product accumulates in fp32 and is rounded once, into ``chain_dtype`` for the chain.
+    """
+    chain_dtype = chain_dtype or dtype
+    schedule = coefficient_schedule(coefficients, steps)
+    x, restore = normalized_wide_stack(matrix, coefficients=coefficients, eps=eps, dtype=dtype)
+    x = x.contiguous()
+    k, m, _ = x.shape
+    gram = symmetric_product(x, x.new_empty(k, m, m, dtype=chain_dtype))
+    poly, spare = torch.empty_like(gram), torch.empty_like(gram)
+    product = None  # Q: the polynomials applied since the last restart, newest on the left
+    for step, (a, b, c) in enumerate(schedule):
+        if step in restarts and product is not None:
+            x = matmul_add(product.to(dtype), x, torch.empty_like(x), alpha=0.0)
+            gram = symmetric_product(x, gram)
+            product = None
+        symmetric_product(gram, poly, alpha=c, beta=b, add=gram)  # Z = b A + c A A
+        if product is None:
+            product = poly.clone()
+            product.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = a I + Z
+        else:
+            product, spare = matmul_add(poly, product, spare, alpha=a), product  # a Q + Z Q
+        if step + 1 < len(schedule) and step + 1 not in restarts:
+            scaled = matmul_add(poly, gram, torch.empty_like(gram), alpha=a)  # P A
+            gram = matmul_add(poly, scaled, gram, alpha=a)  # P P A
+    if product is not None:
+        x = matmul_add(product.to(dtype), x, torch.empty_like(x), alpha=0.0)
     return restore(x)

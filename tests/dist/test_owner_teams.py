@@ -9,6 +9,9 @@ EP, teams beside whole-matrix owners, teams across ZeRO shard boundaries) agains
 single-process Muon in fp32 (``FP32_TOL``, as the sharded tests), with every counted
 quantity equal to the plan: exchange bytes, team collective calls and bytes, and each
 rank's Newton-Schulz FLOPs.
+
+With ``MUON_DS_TEST_DEVICE=cuda`` (the GPU check) the matrices, buffers and reference
+live on the GPU and gloo carries them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from muon_ds.math.team_newton_schulz import TeamOps, team_newton_schulz
 from muon_ds.sharded import ShardedMuon
 from muon_ds.teams import equal_cuts
 from tests.dist.models import LocalParam, dense_dp_locals, make_grads, make_params
-from tests.dist.zero1 import read_shard, run_ranks, set_shard_grads, zero1_shard
+from tests.conftest import TEST_DEVICE
+from tests.dist.zero1 import move_shard, read_shard, run_ranks, set_shard_grads, zero1_shard
 
 STEPS = 3
 FP32_TOL = 2e-6
@@ -85,7 +89,8 @@ def _iteration_errors(rank: int, world: int) -> dict[str, float]:
     """Each rank a column block of each matrix; errors of the assembled factor."""
     errors = {}
     for rows, cols in MATH_SHAPES:
-        matrix = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * cols))
+        generator = torch.Generator().manual_seed(rows * cols)
+        matrix = torch.randn(rows, cols, generator=generator).to(TEST_DEVICE)
         wide = matrix.mT if rows > cols else matrix
         cuts = equal_cuts(wide.size(1), world)
         block = wide[:, cuts[rank] : cuts[rank + 1]]
@@ -126,13 +131,13 @@ def test_team_iteration_in_bf16_stays_in_the_bf16_error_band(iteration) -> None:
 
 
 def _reference(shapes: dict[str, tuple[int, ...]], config: MuonConfig) -> dict[str, torch.Tensor]:
-    params = make_params(shapes)
+    params = {name: p.to(TEST_DEVICE) for name, p in make_params(shapes).items()}
     optimizer = Muon(list(params.items()), config)
     for step in range(STEPS):
         for name, grad in make_grads(shapes, step).items():
-            params[name].grad = grad
+            params[name].grad = grad.to(TEST_DEVICE)
         optimizer.step()
-    return params
+    return {name: p.cpu() for name, p in params.items()}
 
 
 def _train(
@@ -144,7 +149,7 @@ def _train(
     group_ranks: dict[str, int],
 ) -> dict[str, Any]:
     """``STEPS`` sharded steps: errors against the reference, counts and the plans' words."""
-    shard = shard(locals_of(make_params(shapes)))
+    shard = move_shard(shard(locals_of(make_params(shapes))), TEST_DEVICE)
     optimizer = ShardedMuon(shard.param_groups, shard.views, config, process_groups)
     for step in range(STEPS):
         set_shard_grads(shard, {lp.name: lp.values for lp in locals_of(make_grads(shapes, step))})

@@ -26,6 +26,12 @@ from tests.integration.deepspeed_harness import TinyLM, batch, ds_config, use_gl
 STEPS = 3
 TOL = 2e-5
 MUON_PARAMS = {"lr": 0.02, "weight_decay": 0.1, "ns_dtype": "float32"}
+TEAMS = {
+    **MUON_PARAMS,
+    "owner_team_max": 4,
+    "team_flops_per_byte": 0.0,
+    "owner_imbalance_limit": 1.0,
+}
 MATRICES = ("up.weight", "mid.weight", "down.weight")
 
 
@@ -113,6 +119,9 @@ def _zero_cases(rank: int, world: int) -> dict[str, Any]:
             MUON_PARAMS,
         ),
         "stage2_decay_exempt": ({"zero_optimization": {"stage": 2}}, 1, 0.0, exempt),
+        # Teams of up to 4 ranks, their traffic weighed at nothing, the balance tightest:
+        # the tiny model's largest matrices are then orthogonalised by teams.
+        "stage1_teams": ({}, 1, 0.0, TEAMS),
     }
     for name, (overrides, gas, clip, params) in cases.items():
         engine = _engine(ds_config({"type": "MuonDS", "params": params}, **overrides))
@@ -123,6 +132,11 @@ def _zero_cases(rank: int, world: int) -> dict[str, Any]:
             "deepspeed_muon_calls": len(entered),
             "errors": _compare(engine, reference, optimizer),
             "ns_matrices": engine.basic_optimizer.ns_matrices(),
+            "team_matrices": sum(
+                m.team is not None
+                for plan in engine.basic_optimizer.plans().values()
+                for m in plan.matrices
+            ),
             "exchange_bytes": engine.basic_optimizer.exchange_bytes(),
             "wrapper": type(engine.optimizer).__name__,
             "grad_norm": float(engine.get_global_grad_norm()),
@@ -149,7 +163,11 @@ def test_zero_training_equals_single_process_muon(zero_runs) -> None:
 def test_each_matrix_is_orthogonalised_once_per_step_across_ranks(zero_runs) -> None:
     _, results = zero_runs
     for case in results[0]:
-        assert sum(r[case]["ns_matrices"] for r in results) == len(MATRICES) * STEPS
+        teamed = results[0][case]["team_matrices"]  # every rank plans every team alike
+        assert all(r[case]["team_matrices"] == teamed for r in results)
+        whole = sum(r[case]["ns_matrices"] for r in results)
+        assert whole + teamed * STEPS == len(MATRICES) * STEPS
+    assert results[0]["stage1_teams"]["team_matrices"] > 0
 
 
 def test_reported_grad_norm_is_the_raw_gradient_norm(zero_runs) -> None:

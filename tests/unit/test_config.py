@@ -90,16 +90,6 @@ def test_invalid_value_error_names_key_value_and_allowed(
         MuonConfig(**{key: value})
 
 
-@pytest.mark.parametrize("algorithm", ["gram", "auto"])
-def test_gram_with_the_triton_backend_is_refused_naming_both_ways_out(algorithm: str) -> None:
-    with pytest.raises(MuonConfigError) as refused:
-        MuonConfig(ns_algorithm=algorithm, ns_backend="triton")
-    message = str(refused.value)
-    assert f"ns_algorithm={algorithm!r} is not allowed with ns_backend='triton'" in message
-    assert "ns_backend='auto'" in message
-    assert "ns_algorithm='standard'" in message
-
-
 def test_every_field_has_an_error_case() -> None:
     """A new knob without validation (or without a test of it) fails here."""
     fields = {f.name for f in dataclasses.fields(MuonConfig)}

@@ -33,6 +33,7 @@ from muon_ds import device, kernels
 from muon_ds.config import MuonConfig, MuonConfigError
 from muon_ds.kernels import orthogonalize
 from muon_ds.math import newton_schulz
+from muon_ds.math.gram_newton_schulz import gram_newton_schulz
 from tests.conftest import TEST_DEVICE
 
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -46,6 +47,10 @@ COEFFICIENTS = ("moonlight", "polar_express")
 SMALL = (16, 24)  # one tile: cheap enough to run twice in the child
 BF16_TRITON = MuonConfig(ns_backend="triton", ns_dtype="bfloat16")
 """The kernel forced to bf16, the dtype these tests pin ("auto" would follow the CPU)."""
+
+GRAM_TRITON = MuonConfig(ns_backend="triton", ns_algorithm="gram", ns_dtype="bfloat16")
+GRAM_SHAPES = ("tall", "wide", "batched")
+"""Gram Newton-Schulz on the kernels: rectangular shapes, one transposed, one batched."""
 
 MARGIN = 1.10
 """Allowed ratio of the kernel's error to the torch bf16 reference's (both against
@@ -91,6 +96,10 @@ def _kernel_outputs(tns: ModuleType) -> dict[str, torch.Tensor]:
     outputs["float32"] = orthogonalize(on_device(SHAPES["odd"]), fp32)
     outputs["small-dispatched"] = orthogonalize(on_device(SMALL), BF16_TRITON)
     outputs["small-direct"] = tns.newton_schulz_triton(on_device(SMALL))
+    for name in GRAM_SHAPES:
+        outputs[f"gram-{name}"] = orthogonalize(on_device(SHAPES[name]), GRAM_TRITON)
+    gram_fp32 = MuonConfig(ns_backend="triton", ns_algorithm="gram", ns_dtype="float32")
+    outputs["gram-float32"] = orthogonalize(on_device(SHAPES["odd"]), gram_fp32)
     p, q = (t.to(TEST_DEVICE) for t in _symmetric_product_inputs())
     outputs["gram"] = tns.symmetric_product(p, torch.full_like(q, float("nan")))
     outputs["poly"] = tns.symmetric_product(
@@ -155,6 +164,33 @@ def test_kernel_in_float32_computes_the_same_iteration_as_the_reference(
     matrix = _matrix(SHAPES["odd"])
     reference = newton_schulz(matrix, dtype=torch.float32)
     assert _relative_error(kernel_outputs["float32"], reference.double()) < 1e-4
+
+
+@pytest.mark.parametrize("name", GRAM_SHAPES)
+def test_gram_kernels_error_vs_float64_is_no_worse_than_torch_gram(
+    kernel_outputs: dict[str, torch.Tensor], name: str
+) -> None:
+    """Gram Newton-Schulz on the Triton kernels against its torch reference, same dtypes
+    (bf16 wide products, the chain in ``gram_chain_dtype``: fp32 on a CPU, fp16 on CUDA)."""
+    matrix = _matrix(SHAPES[name])
+    exact = newton_schulz(matrix, dtype=torch.float64)
+    on_device = matrix.to(TEST_DEVICE)
+    chain = device.gram_chain_dtype(torch.bfloat16, on_device.device)
+    reference = gram_newton_schulz(on_device, dtype=torch.bfloat16, chain_dtype=chain).cpu()
+    result = kernel_outputs[f"gram-{name}"]
+    assert result.shape == matrix.shape
+    assert result.dtype == torch.bfloat16
+    kernel_error = _relative_error(result, exact)
+    reference_error = _relative_error(reference, exact)
+    assert kernel_error <= MARGIN * reference_error, (kernel_error, reference_error)
+
+
+def test_gram_kernels_in_float32_compute_the_same_iteration_as_the_reference(
+    kernel_outputs: dict[str, torch.Tensor],
+) -> None:
+    matrix = _matrix(SHAPES["odd"])
+    reference = newton_schulz(matrix, dtype=torch.float32)
+    assert _relative_error(kernel_outputs["gram-float32"], reference.double()) < 1e-4
 
 
 def test_symmetric_product_writes_the_mirrored_triangle(
