@@ -3,8 +3,11 @@
 FSDP2 shards every parameter along dim 0 over its mesh (``Shard(0)``, ``torch.chunk``
 sizes: the first ranks hold ``ceil(rows / W)`` rows, the last fewer or none), so a rank's
 local tensor is one contiguous row range of the parameter: a ``ShardView``. The step is
-``ShardedMuonCore`` over those local tensors, exchanging over the mesh's process group
-(each matrix orthogonalised once, by its owner or team); AdamW runs on the local shards.
+``ShardedMuonCore`` over those local tensors, exchanging over the mesh's shard group
+(each matrix orthogonalised once per replica, by its owner or team); AdamW runs on the
+local shards. Under HSDP (``Replicate(), Shard(0)`` on a 2-D mesh) every replica holds
+the same shards and all-reduced gradients, so each runs the same step within its own
+shard group, as HSDP's AdamW does.
 
 State lives in ``self.state[param]`` as DTensors with the parameter's mesh and
 placements, as torch's own optimizers keep it under FSDP2, so
@@ -13,9 +16,9 @@ placements, as torch's own optimizers keep it under FSDP2, so
 A parameter without a gradient is stepped with a zero gradient on every rank (its
 momentum decays), as under ZeRO: no rank waits for another's exchange.
 
-Covered: a 1-D mesh of ``Shard(0)`` parameters. Refused with a clear error: other
-placements (``Shard`` on another dim, HSDP's ``Replicate``, a 2-D mesh with TP), plain
-tensors, parameters on different meshes.
+Covered: FSDP (1-D mesh, ``Shard(0)``) and HSDP. Refused with a clear error: other
+placements (``Shard`` on another dim, a mesh with tensor parallelism), plain tensors,
+parameters on different meshes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from muon_ds.closure import loss_from_closure
 from muon_ds.config import MuonConfig
@@ -34,7 +37,7 @@ from muon_ds.sharded import ShardedMuonCore
 
 
 class FSDPMuon(torch.optim.Optimizer):
-    """Muon + AdamW for a model sharded with ``fully_shard`` on a 1-D mesh.
+    """Muon + AdamW for a model sharded with ``fully_shard`` (FSDP or HSDP).
 
     Takes the model itself (names and module types route embeddings and the head to AdamW,
     as ``muon_ds.Muon``), a ``MuonConfig`` and overrides of its fields. ``lr`` and
@@ -66,8 +69,10 @@ class FSDPMuon(torch.optim.Optimizer):
             if self._algorithms[index] == "muon"
             for view in _view(name, p, index)
         ]
+        # The shard dim's group: under HSDP each replica exchanges within its own.
+        shards = mesh.get_group(mesh.ndim - 1)
         self.core = ShardedMuonCore(
-            self._locals, self._algorithms, views, self.config, {"dense": mesh.get_group()}
+            self._locals, self._algorithms, views, self.config, {"dense": shards}
         )
 
     @torch.no_grad()
@@ -88,8 +93,12 @@ class FSDPMuon(torch.optim.Optimizer):
         return loss
 
 
+SUPPORTED = {1: (Shard(0),), 2: (Replicate(), Shard(0))}
+"""Mesh dims -> the placements covered: FSDP's ``Shard(0)``, and HSDP's replicas of it."""
+
+
 def _mesh_of(named: list[tuple[str, torch.Tensor]]) -> Any:
-    """The one 1-D mesh every parameter is ``Shard(0)`` over, or a clear error."""
+    """The one mesh every parameter is placed on as ``SUPPORTED`` says, or a clear error."""
     meshes = []
     for name, p in named:
         if not isinstance(p, DTensor):
@@ -97,11 +106,12 @@ def _mesh_of(named: list[tuple[str, torch.Tensor]]) -> Any:
                 f"FSDPMuon: parameter {name!r} is a plain tensor, not an FSDP2 DTensor; apply "
                 "torch.distributed.fsdp.fully_shard to the model (and its blocks) first"
             )
-        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        if SUPPORTED.get(p.device_mesh.ndim) != tuple(p.placements):
             raise ValueError(
                 f"FSDPMuon: parameter {name!r} is placed {tuple(p.placements)} on a "
                 f"{p.device_mesh.ndim}-D mesh; supported: (Shard(dim=0),) on a 1-D mesh "
-                "(fully_shard's default), not HSDP, tensor parallelism or Shard on other dims"
+                "(FSDP) or (Replicate(), Shard(dim=0)) on a 2-D one (HSDP), not tensor "
+                "parallelism or Shard on other dims"
             )
         meshes.append(p.device_mesh)
     if not meshes:
@@ -125,9 +135,10 @@ def _local_flat(p: DTensor) -> torch.Tensor:
 def _view(name: str, p: DTensor, index: int) -> list[ShardView]:
     """This rank's row range of ``p`` as a ``ShardView`` (none when it holds no rows)."""
     rows, cols = matrix_shape(p.shape)
-    world = p.device_mesh.size()
+    shard_dim = p.device_mesh.ndim - 1
+    world = p.device_mesh.size(shard_dim)
     chunk = -(-p.shape[0] // world)
-    first = min(p.shape[0], p.device_mesh.get_local_rank() * chunk)
+    first = min(p.shape[0], p.device_mesh.get_local_rank(shard_dim) * chunk)
     held = p.to_local().shape[0]
     if held != min(chunk, p.shape[0] - first):
         raise ValueError(

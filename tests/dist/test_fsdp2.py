@@ -53,11 +53,16 @@ def _grads(model: nn.Module, step: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters()}
 
 
-def _sharded(world: int) -> Tiny:
+def _sharded(world: int, replicas: int = 1) -> Tiny:
+    """FSDP over ``world`` ranks, or HSDP: ``replicas`` x ``world / replicas``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    if replicas == 1:
+        mesh = init_device_mesh("cpu", (world,))
+    else:
+        names = ("replicate", "shard")
+        mesh = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=names)
     model = _model()
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
@@ -91,8 +96,8 @@ def _errors(model: nn.Module, expected: dict[str, torch.Tensor]) -> dict[str, fl
     }
 
 
-def _train(rank: int, world: int, missing: str | None = None) -> dict[str, Any]:
-    model = _sharded(world)
+def _train(rank: int, world: int, missing: str | None = None, replicas: int = 1) -> dict[str, Any]:
+    model = _sharded(world, replicas)
     optimizer = FSDPMuon(model, CONFIG)
     for step in range(STEPS):
         _set_grads(model, step, missing)
@@ -127,6 +132,15 @@ def test_each_matrix_is_orthogonalised_once_and_bytes_are_the_plans(trained) -> 
     for result in trained:
         assert result["bytes"] == result["planned"]
         assert result["momentum"] == {"DTensor"}
+
+
+def test_hsdp_replicas_each_equal_single_process_muon() -> None:
+    """2 replicas x 2 shards: each replica orthogonalises every matrix once."""
+    results = run_ranks(4, _train, None, 2)
+    for result in results:
+        assert max(result["errors"].values()) <= TOL, result["errors"]
+        assert result["bytes"] == result["planned"]
+    assert sum(r["ns_matrices"] for r in results) == 2 * 5 * STEPS
 
 
 def test_a_parameter_without_gradient_steps_as_zero_without_hanging() -> None:
@@ -202,7 +216,7 @@ def _refusal(rank: int, world: int, case: str) -> str:
     ("case", "expected"),
     [
         ("plain", "is a plain tensor, not an FSDP2 DTensor"),
-        ("shard1", "supported: (Shard(dim=0),) on a 1-D mesh"),
+        ("shard1", "supported: (Shard(dim=0),) on a 1-D mesh (FSDP) or (Replicate(),"),
     ],
 )
 def test_what_is_not_covered_is_refused_naming_what_is(case: str, expected: str) -> None:
