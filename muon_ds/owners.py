@@ -59,10 +59,16 @@ def assign(
     return widened if max(wide.load) < max(narrow.load) else placed
 
 
-def _largest_holder(matrix: MatrixPlan) -> int:
+def _held(matrix: MatrixPlan) -> dict[int, int]:
+    """Elements of ``matrix`` each holder holds."""
     held: dict[int, int] = defaultdict(int)
     for piece in matrix.pieces:
         held[piece.holder] += piece.numel
+    return held
+
+
+def _largest_holder(matrix: MatrixPlan) -> int:
+    held = _held(matrix)
     return min(held, key=lambda r: (-held[r], r))
 
 
@@ -114,9 +120,7 @@ class _Assigner:
     def _place(self, i: int) -> MatrixPlan:
         matrix = self.matrices[i]
         self.reserved[self.home[i]] -= matrix.flops
-        held: dict[int, int] = defaultdict(int)
-        for piece in matrix.pieces:
-            held[piece.holder] += piece.numel
+        held = _held(matrix)
         by_locality = sorted(held, key=lambda r: (-held[r], self.load[r], r))
         fitting = [r for r in by_locality if self.load[r] + matrix.flops <= self.cap]
         if fitting:
