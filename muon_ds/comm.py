@@ -24,6 +24,7 @@ from muon_ds.math.team_newton_schulz import TeamOps
 from muon_ds.matrices import MatrixPlan, Segment
 from muon_ds.plan import Plan
 from muon_ds.staging import HeldRange, Slot, permuted, stage, staged, unstage
+from muon_ds.teams import TeamShape
 
 
 @dataclass
@@ -243,7 +244,7 @@ class Exchange:
         assert team is not None
         j = team.members.index(self.rank)
         width = team.cuts[j + 1] - team.cuts[j]
-        long_rows = matrix.rows > matrix.cols
+        long_rows = TeamShape.of(matrix).long_rows
         shape = (width, matrix.cols) if long_rows else (matrix.rows, width)
         block = torch.empty(shape, dtype=self.wire_dtype, device=directions[0].device)
         staging = block.view(-1)
