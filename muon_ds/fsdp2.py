@@ -88,7 +88,11 @@ class FSDPMuon(torch.optim.Optimizer):
         if not self.core.run(lr_and_decay, state):
             self.skipped_steps += 1
         for local, p in pairs:
-            self.state[p] = _sharded_state(state[local], p)
+            # Existing entries were updated in place through their local views; only what
+            # the step created (the first step's state) needs wrapping as DTensors.
+            for key, value in state[local].items():
+                if key not in self.state[p]:
+                    self.state[p][key] = _sharded(value, p)
             local.grad = None
         return loss
 
@@ -158,16 +162,10 @@ def _local_state(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _sharded_state(local: dict[str, Any], p: DTensor) -> dict[str, Any]:
-    """The local state back as DTensors shaped and placed like ``p`` (scalars as they are)."""
-    shape = p.to_local().shape
-
-    def sharded(value: Any) -> Any:
-        if not (isinstance(value, torch.Tensor) and value.dim() == 1):
-            return value  # AdamW's step count: one scalar, the same on every rank
-        local_value = value.view(shape)
-        return DTensor.from_local(
-            local_value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-        )
-
-    return {key: sharded(value) for key, value in local.items()}
+def _sharded(value: Any, p: DTensor) -> Any:
+    """A new local state tensor as a DTensor shaped and placed like ``p``; AdamW's step
+    count (one scalar, the same on every rank) as it is."""
+    if not (isinstance(value, torch.Tensor) and value.dim() == 1):
+        return value
+    local = value.view(p.to_local().shape)
+    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())

@@ -9,6 +9,7 @@ live in ``muon_ds.teams``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -50,11 +51,14 @@ def assign(
     """Owners and teams: smallest teams first; if that breaks the balance limit, every team
     as wide as its node allows (a narrow early team can leave no room for a later matrix),
     whichever leaves the most-loaded rank lighter."""
-    narrow = _Assigner(matrices, prior, imbalance_limit, teams, steps, wire_bytes, widest=False)
+    assigner = functools.partial(
+        _Assigner, matrices, prior, imbalance_limit, teams, steps, wire_bytes
+    )
+    narrow = assigner(widest=False)
     placed = narrow.run()
     if max(narrow.load) <= narrow.cap or not any(m.team for m in placed):
         return placed
-    wide = _Assigner(matrices, prior, imbalance_limit, teams, steps, wire_bytes, widest=True)
+    wide = assigner(widest=True)
     widened = wide.run()
     return widened if max(wide.load) < max(narrow.load) else placed
 

@@ -63,7 +63,7 @@ def team_cost(
     sum_bytes = NORM_BYTES + steps * triangle
     chunk = -(-shape.m // k) * shape.m * wire_bytes
     gather_bytes = steps * chunk if mode == "split" else 0
-    wire = 2 * (k - 1) * sum_bytes / k + (k - 1) * gather_bytes  # as ``ring_bytes``
+    wire = _ring(k, sum_bytes, gather_bytes)
     return flops, sum_bytes, gather_bytes, max(flops) + flops_per_byte * wire
 
 
@@ -116,8 +116,11 @@ def make_team(
 def ring_bytes(team: Team) -> float:
     """Bytes each member puts on the wire per step for ``team``'s collectives, as ring
     algorithms move them: 2 (k - 1) / k of a sum's payload, k - 1 chunks of a gather."""
-    k = team.size
-    return 2 * (k - 1) * team.sum_bytes / k + (k - 1) * team.gather_bytes
+    return _ring(team.size, team.sum_bytes, team.gather_bytes)
+
+
+def _ring(k: int, sum_bytes: int, gather_bytes: int) -> float:
+    return 2 * (k - 1) * sum_bytes / k + (k - 1) * gather_bytes
 
 
 def _rows(m: int, k: int, index: int) -> int:

@@ -19,6 +19,7 @@ rounds each member's part before adding, which stays inside bf16's own error ban
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,12 +75,19 @@ def team_newton_schulz(
     # The reference's norm is rounded to the iteration's dtype before it divides.
     norm = squares.sqrt().to(dtype)
     x = x / (norm * frobenius_margin(coefficients) + eps)
-    upper = torch.triu_indices(x.size(0), x.size(0), device=x.device)
+    upper = _upper_triangle(x.size(0), x.device)
     for a, b, c in coefficient_schedule(coefficients, steps):
         gram = _symmetric_sum(x @ x.mT, upper, team)
         poly = _polynomial(gram, b, c, team, mode)
         x = torch.addmm(x, poly, x, beta=a)
     return x
+
+
+@functools.lru_cache(maxsize=8)
+def _upper_triangle(m: int, device: torch.device) -> torch.Tensor:
+    """Indices of an ``m x m`` matrix's upper triangle, built once per size and device:
+    for m = 4096 they are 134 MB of int64, not to be rebuilt every optimizer step."""
+    return torch.triu_indices(m, m, device=device)
 
 
 def _symmetric_sum(gram: torch.Tensor, upper: torch.Tensor, team: TeamOps) -> torch.Tensor:
