@@ -60,8 +60,18 @@ def tag_embeddings(model: torch.nn.Module) -> None:
                 set_route(module.weight, "adamw")
 
 
-def route_param(name: str | None, param: torch.Tensor, config: MuonConfig) -> Route:
-    """Muon or AdamW for one parameter: its tag, then name patterns, then Moonlight's rule."""
+def route_param(
+    name: str | None,
+    param: torch.Tensor,
+    config: MuonConfig,
+    shape: Sequence[int] | None = None,
+) -> Route:
+    """Muon or AdamW for one parameter: its tag, then name patterns, then Moonlight's rule.
+
+    ``shape``: the parameter's full shape where ``param.shape`` is not it (ZeRO-3 empties
+    a partitioned parameter's data); ``param.shape`` otherwise.
+    """
+    shape = tuple(param.shape if shape is None else shape)
     route = getattr(param, ROUTE_ATTR, None)
     source = f"attribute {ROUTE_ATTR}"
     if route is None and name is not None:
@@ -69,11 +79,11 @@ def route_param(name: str | None, param: torch.Tensor, config: MuonConfig) -> Ro
             route, source = "muon", "muon_patterns"
         elif any(fnmatchcase(name, p) for p in config.adamw_patterns):
             route, source = "adamw", "adamw_patterns"
-    if route is None and param.ndim < 2:
+    if route is None and len(shape) < 2:
         return "adamw"  # Muon cannot take a vector: shape alone decides
     if route is None and name is None:
         raise ValueError(
-            f"an unnamed parameter of shape {tuple(param.shape)} has no route: shape alone "
+            f"an unnamed parameter of shape {shape} has no route: shape alone "
             "cannot tell a hidden matrix from an embedding or the output head (Moonlight "
             "sends those to AdamW). Pass the model (muon_ds.Muon(model)) or "
             "model.named_parameters(), or tag it with muon_ds.set_route(param, 'muon' or "
@@ -86,25 +96,33 @@ def route_param(name: str | None, param: torch.Tensor, config: MuonConfig) -> Ro
             f"parameter {name or '<unnamed>'}: {source} gives route {route!r}; "
             f"allowed: {list(ROUTES)}"
         )
-    if route == "muon" and param.ndim < 2:
+    if route == "muon" and len(shape) < 2:
         raise ValueError(
-            f"parameter {name or '<unnamed>'} of shape {tuple(param.shape)} is routed to Muon "
+            f"parameter {name or '<unnamed>'} of shape {shape} is routed to Muon "
             f"by {source}, but Muon needs ndim >= 2; route it to 'adamw'"
         )
     return route
 
 
-def decays(param: torch.Tensor, config: MuonConfig) -> bool:
-    """Whether weight decay applies to ``param``: always, unless the config exempts
-    ndim < 2 parameters and embeddings (``decay_vectors_and_embeddings=False``)."""
+def decays(param: torch.Tensor, config: MuonConfig, shape: Sequence[int] | None = None) -> bool:
+    """Whether weight decay applies to ``param`` (of ``shape``, as in ``route_param``):
+    always, unless the config exempts ndim < 2 parameters and embeddings
+    (``decay_vectors_and_embeddings=False``)."""
     if config.decay_vectors_and_embeddings:
         return True
-    return not (param.ndim < 2 or getattr(param, EMBEDDING_ATTR, False))
+    ndim = param.ndim if shape is None else len(shape)
+    return not (ndim < 2 or getattr(param, EMBEDDING_ATTR, False))
 
 
-def group_key(name: str | None, param: torch.Tensor, config: MuonConfig) -> GroupKey:
-    """The split group ``param`` joins: its route and whether it decays."""
-    return route_param(name, param, config), decays(param, config)
+def group_key(
+    name: str | None,
+    param: torch.Tensor,
+    config: MuonConfig,
+    shape: Sequence[int] | None = None,
+) -> GroupKey:
+    """The split group ``param`` (of ``shape``, as in ``route_param``) joins: its route
+    and whether it decays."""
+    return route_param(name, param, config, shape), decays(param, config, shape)
 
 
 def split_group_settings(key: GroupKey) -> dict[str, object]:

@@ -1,5 +1,8 @@
 """Parameter names and the split of user groups into Muon and AdamW halves.
 
+Routing reads each parameter's full shape (``ds_shape`` where ``zero.Init`` has already
+partitioned it and emptied its data).
+
 ZeRO flattens each param group into one partition, so each half becomes a buffer that is
 wholly Muon (fp32 momentum, 4 bytes/element) or wholly AdamW (8 bytes/element).
 """
@@ -13,6 +16,7 @@ import torch
 from muon_ds.config import MuonConfig
 from muon_ds.deepspeed.support import UnsupportedDeepSpeedSetupError
 from muon_ds.layout import group_key, split_param_group, tag_embeddings
+from muon_ds.patches import deepspeed_zero as zero
 
 GROUP_KEY = "muon_ds_group"
 """Param-group key naming which split half a group is (a plain int, saved by torch)."""
@@ -53,7 +57,7 @@ def named_groups(
             if name is not None:
                 names.setdefault(id(param), name)
             if id(param) not in names:
-                unnamed.append(tuple(param.shape))
+                unnamed.append(zero.full_shape(param))
             tensors.append(param)
         groups.append({**user_group, "params": tensors})
     if unnamed:
@@ -89,7 +93,9 @@ def split_groups(
                     "a parameter carries use_muon=True, DeepSpeed's own Muon tag; MuonDS routes "
                     "with muon_ds.set_route(param, 'muon') instead (remove use_muon)"
                 )
-        groups += split_param_group(user_group, lambda p: group_key(names[id(p)], p, config))
+        groups += split_param_group(
+            user_group, lambda p: group_key(names[id(p)], p, config, zero.full_shape(p))
+        )
     model_params = {}
     for key, group in enumerate(groups):
         group[GROUP_KEY] = key

@@ -26,6 +26,7 @@ Names, groups, checkpoints and refusals live beside this file (``groups``, ``che
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -72,10 +73,12 @@ class OrthogonalizedZeroOptimizer(ZeroCheckpointing, torch.optim.Optimizer):
         super().__init__(groups, defaults)
         # ZeRO shows step() one group at a time; the report and record need them all.
         self._groups = list(self.param_groups)
-        self._cores: dict[int, ShardedMuonCore] = {}
+        # One core per (split group, ZeRO-3 sub-group; 0 under ZeRO-1/2).
+        self._cores: dict[tuple[int, int], ShardedMuonCore] = {}
         # Newton-Schulz FLOPs per global rank over every group's core built so far.
         self._ledger = NsLedger()
-        self._reported = False
+        # Whether ZeRO stage 3 partitions the parameters; known at the first step.
+        self._zero3: bool | None = None
 
     def attach(self, engine: Any) -> None:
         """Refuse ZeRO settings muon_ds does not train correctly; the engine hook calls
@@ -85,19 +88,23 @@ class OrthogonalizedZeroOptimizer(ZeroCheckpointing, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = loss_from_closure(closure)
-        if not self._reported:
-            check_what_zero_built(p for ps in self._model_params.values() for p in ps)
-            self._reported = True
+        if self._zero3 is None:
+            self._zero3 = check_what_zero_built(p for ps in self._model_params.values() for p in ps)
             print_on_rank0(self.routing_report().lines())
         for group in self.param_groups:
-            core = self._cores.get(group[GROUP_KEY]) or self._build_core(group)
+            if not group["params"]:
+                continue  # ZeRO-3 hands over one sub-group's partition at a time
+            buffer = group["params"][0]
+            key = (group[GROUP_KEY], self._sub_group(group))
+            core = self._cores.get(key) or self._build_core(group, key)
             if group["algorithm"] == "muon":
                 # DeepSpeed's universal-checkpoint loader writes every saved key into the
                 # state directly, bypassing load_state_dict, so the zero exp_avg_sq written
                 # for its converter comes back here: Muon keeps no second moment, drop it.
-                self.state[group["params"][0]].pop("exp_avg_sq", None)
+                self.state[buffer].pop("exp_avg_sq", None)
             core.run([(group["lr"], group["weight_decay"])], self.state)
-            self._link_state(group)
+            if not self._zero3:
+                self._link_state(group)
         return loss
 
     def _link_state(self, group: dict[str, Any]) -> None:
@@ -116,7 +123,7 @@ class OrthogonalizedZeroOptimizer(ZeroCheckpointing, torch.optim.Optimizer):
         return [
             RoutedTensor(
                 name=self._names[id(param)],
-                shape=tuple(param.shape),
+                shape=zero.full_shape(param),
                 route=group["algorithm"],
                 weight_decay=group["weight_decay"],
             )
@@ -127,35 +134,27 @@ class OrthogonalizedZeroOptimizer(ZeroCheckpointing, torch.optim.Optimizer):
     def routing_report(self) -> RoutingReport:
         return RoutingReport(tuple(self.routed_tensors()))
 
-    def _build_core(self, group: dict[str, Any]) -> ShardedMuonCore:
-        key = group[GROUP_KEY]
-        model_params = self._model_params[key]
+    def _sub_group(self, group: dict[str, Any]) -> int:
+        """Which ZeRO-3 sub-group's partition ``group`` holds now (0 under ZeRO-1/2,
+        which gives each param group one partition)."""
+        if not self._zero3:
+            return 0
+        buffer = group["params"][0]
+        for param in self._model_params[group[GROUP_KEY]]:
+            partition = zero.zero3_partition(param)
+            if partition.buffer is buffer:
+                return partition.sub_group
+        raise UnsupportedDeepSpeedSetupError(
+            "MuonDS got a ZeRO-3 partition that holds none of its param group's parameters"
+        )
+
+    def _build_core(self, group: dict[str, Any], key: tuple[int, int]) -> ShardedMuonCore:
         if len(group["params"]) != 1:
             raise UnsupportedDeepSpeedSetupError(
-                f"MuonDS expects ZeRO stage 1 or 2 to hand it one flat partition per param "
-                f"group, got {len(group['params'])} tensors; enable zero_optimization stage 1 or 2"
+                f"MuonDS expects ZeRO to hand it one flat partition per param group (per "
+                f"sub-group under stage 3), got {len(group['params'])} tensors"
             )
-        views = []
-        for index, param in enumerate(model_params):
-            fragment = zero.partition_fragment(param)
-            if fragment is None:
-                continue
-            views.append(
-                ShardView(
-                    name=f"{key}.{index}:{self._names[id(param)]}",
-                    matrix_shape=(
-                        matrix_shape(param.shape)
-                        if group["algorithm"] == "muon"
-                        else (1, param.numel())
-                    ),
-                    start=fragment.param_start,
-                    end=fragment.param_start + fragment.numel,
-                    buffer=0,
-                    offset=fragment.partition_start,
-                    route=group["algorithm"],
-                )
-            )
-        dp_group = zero.data_parallel_group(model_params[0]) if model_params else None
+        views, dp_group = (self._zero3_views if self._zero3 else self._zero12_views)(group)
         core = ShardedMuonCore(
             group["params"],
             [group["algorithm"]],
@@ -170,6 +169,57 @@ class OrthogonalizedZeroOptimizer(ZeroCheckpointing, torch.optim.Optimizer):
         self._cores[key] = core
         return core
 
+    def _zero12_views(self, group: dict[str, Any]) -> tuple[list[ShardView], Any]:
+        """Views from ZeRO-1/2's partition map; the group's (expert-)DP group."""
+        model_params = self._model_params[group[GROUP_KEY]]
+        views = []
+        for index, param in enumerate(model_params):
+            fragment = zero.partition_fragment(param)
+            if fragment is not None:
+                views.append(
+                    self._view(
+                        group, index, fragment.param_start, fragment.numel, fragment.partition_start
+                    )
+                )
+        dp_group = zero.data_parallel_group(model_params[0]) if model_params else None
+        return views, dp_group
+
+    def _zero3_views(self, group: dict[str, Any]) -> tuple[list[ShardView], Any]:
+        """Views of the parameters in the ZeRO-3 sub-group whose partition ``group``
+        holds (none for a rank holding only padding); their partition group."""
+        buffer = group["params"][0]
+        views, partition_group = [], None
+        for index, param in enumerate(self._model_params[group[GROUP_KEY]]):
+            partition = zero.zero3_partition(param)
+            if partition.buffer is not buffer:
+                continue
+            partition_group = partition.group
+            if partition.numel:
+                views.append(
+                    self._view(
+                        group, index, partition.param_start, partition.numel, partition.offset
+                    )
+                )
+        return views, partition_group
+
+    def _view(
+        self, group: dict[str, Any], index: int, start: int, numel: int, offset: int
+    ) -> ShardView:
+        """The view of ``numel`` elements of the group's ``index``-th parameter from
+        ``start``, lying at ``offset`` in its flat partition."""
+        param = self._model_params[group[GROUP_KEY]][index]
+        shape = zero.full_shape(param)
+        muon = group["algorithm"] == "muon"
+        return ShardView(
+            name=f"{group[GROUP_KEY]}.{index}:{self._names[id(param)]}",
+            matrix_shape=matrix_shape(shape) if muon else (1, math.prod(shape)),
+            start=start,
+            end=start + numel,
+            buffer=0,
+            offset=offset,
+            route=group["algorithm"],
+        )
+
     def exchange_bytes(self) -> int:
         """Bytes this rank sent in Muon exchanges since construction (all groups).
 
@@ -182,9 +232,9 @@ class OrthogonalizedZeroOptimizer(ZeroCheckpointing, torch.optim.Optimizer):
         """Matrices this rank orthogonalised whole since construction (all groups)."""
         return sum(core.counter.ns_matrices for core in self._cores.values())
 
-    def plans(self) -> dict[tuple[Any, str], Plan]:
-        """The plan of every exchange this rank takes part in, by (param group key,
-        exchange group name): owners, teams, segments, predicted bytes."""
+    def plans(self) -> dict[tuple[tuple[int, int], str], Plan]:
+        """The plan of every exchange this rank takes part in, by ((param group key,
+        ZeRO-3 sub-group), exchange group name): owners, teams, segments, bytes."""
         return {
             (key, name): plan
             for key, core in self._cores.items()
