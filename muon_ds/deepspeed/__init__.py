@@ -1,4 +1,4 @@
-"""DeepSpeed integration: ``"optimizer": {"type": "MuonDS", "params": {...}}`` under ZeRO-1/2.
+"""DeepSpeed integration: ``"optimizer": {"type": "MuonDS", "params": {...}}`` under ZeRO-1/2/3.
 
 ``import muon_ds.deepspeed`` (the launchers in ``launch/`` do it) registers the type
 through ``muon_ds.patches.deepspeed``: ZeRO may wrap the class, the engine builds it from
@@ -20,6 +20,7 @@ from muon_ds.deepspeed.groups import GROUP_KEY
 from muon_ds.deepspeed.optimizer import OrthogonalizedZeroOptimizer
 from muon_ds.deepspeed.support import UnsupportedDeepSpeedSetupError
 from muon_ds.patches import deepspeed as patches
+from muon_ds.patches.deepspeed_zero import zero_settings
 
 OPTIMIZER_TYPE = "MuonDS"
 """The JSON type name; it must not lower-case to a DeepSpeed built-in ("muon")."""
@@ -58,7 +59,8 @@ def _before_wrap(engine: Any, optimizer: torch.optim.Optimizer) -> None:
 
 
 def _after_wrap(engine: Any) -> None:
-    """Once ZeRO wrapped ours: its checkpoints record and check our routing."""
+    """Once ZeRO wrapped ours: its checkpoints record and check our routing (and under
+    stage 3 its universal loader keeps each param group's own settings)."""
     optimizer = getattr(engine, "basic_optimizer", None)
     if isinstance(optimizer, OrthogonalizedZeroOptimizer) and engine.optimizer is not optimizer:
         patches.record_in_zero_checkpoints(
@@ -67,6 +69,8 @@ def _after_wrap(engine: Any) -> None:
             optimizer.routing_record,
             optimizer.check_routing_record,
         )
+        if zero_settings(engine).stage == 3:
+            patches.restore_groups_on_zero3_universal_load(engine.optimizer)
 
 
 register()

@@ -66,15 +66,20 @@ class ZeroCheckpointing:
             raise ValueError(f"muon_ds: {problem}")
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, plus a zero ``exp_avg_sq`` per Muon group (see MOMENTUM_KEY)."""
+        """torch's state dict, plus a zero ``exp_avg_sq`` per Muon partition (see
+        MOMENTUM_KEY) and the AdamW step count: DeepSpeed's ZeRO-3 universal loader reads
+        the step of the first saved partition, a Muon one (Muon groups come first)."""
         packed = super().state_dict()
+        steps = [s["step"] for s in packed["state"].values() if "step" in s]
         for group in packed["param_groups"]:
             if group["algorithm"] == "muon":
                 for param_id in group["params"]:
                     state = packed["state"].get(param_id)
                     if state and MOMENTUM_KEY in state:
-                        zeros = torch.zeros_like(state[MOMENTUM_KEY])
-                        packed["state"][param_id] = {**state, "exp_avg_sq": zeros}
+                        extra = {"exp_avg_sq": torch.zeros_like(state[MOMENTUM_KEY])}
+                        if steps:
+                            extra["step"] = steps[0]
+                        packed["state"][param_id] = {**state, **extra}
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -83,6 +88,7 @@ class ZeroCheckpointing:
             if group["algorithm"] == "muon":
                 for param in group["params"]:
                     self.state[param].pop("exp_avg_sq", None)
+                    self.state[param].pop("step", None)
 
 
 def _group_mismatch(saved: list[list[str]], current: list[list[str]]) -> str | None:

@@ -99,9 +99,10 @@ class OrthogonalizedZeroOptimizer(ZeroCheckpointing, torch.optim.Optimizer):
             core = self._cores.get(key) or self._build_core(group, key)
             if group["algorithm"] == "muon":
                 # DeepSpeed's universal-checkpoint loader writes every saved key into the
-                # state directly, bypassing load_state_dict, so the zero exp_avg_sq written
-                # for its converter comes back here: Muon keeps no second moment, drop it.
+                # state directly, bypassing load_state_dict, so the zero exp_avg_sq and the
+                # step written for it come back here: Muon keeps neither, drop them.
                 self.state[buffer].pop("exp_avg_sq", None)
+                self.state[buffer].pop("step", None)
             core.run([(group["lr"], group["weight_decay"])], self.state)
             if not self._zero3:
                 self._link_state(group)

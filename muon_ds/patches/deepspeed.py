@@ -16,8 +16,13 @@ What each function touches (read in DeepSpeed 0.19.8's source):
     the place to reach the ZeRO wrapper.
 ``record_in_zero_checkpoints``
     One ZeRO wrapper's ``state_dict`` / ``load_state_dict`` (stage 1/2's
-    ``DeepSpeedZeroOptimizer`` and ``BF16_Optimizer`` both load a list of every DP rank's
-    saved dicts) and a universal checkpoint's ``zero/optimizer_state.pt``.
+    ``DeepSpeedZeroOptimizer``, ``BF16_Optimizer`` and stage 3's
+    ``DeepSpeedZeroOptimizer_Stage3`` all load a list of every DP rank's saved dicts) and
+    a universal checkpoint's ``zero/optimizer_state.pt``.
+``restore_groups_on_zero3_universal_load``
+    ``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``,
+    its inner ``optimizer`` (param groups and state), and the universal checkpoint's
+    ``zero/optimizer_state.pt`` (``optimizer_state_dict``'s ``param_groups``).
 ``muon_ds.patches.deepspeed_zero``
     Reads of what ZeRO sets on the engine and attaches to each parameter.
 ``skip_shm_op_build``
@@ -225,6 +230,47 @@ def record_in_zero_checkpoints(
     zero_optimizer.load_state_dict = load_state_dict
 
 
+def restore_groups_on_zero3_universal_load(zero_optimizer: Any) -> None:
+    """Make a ZeRO-3 universal-checkpoint load restore every param group's own settings.
+
+    DeepSpeed 0.19.8's ``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` copies the
+    saved group 0's settings into every group (for muon_ds: group 0's route and weight
+    decay into the AdamW and exempt groups), where its stage 1/2 loader restores each
+    group from its own saved group; and it stores one step tensor in every sub-group's
+    state, which an AdamW step then increments in place once per sub-group. After its
+    load, this restores each group from the saved groups (the routing record has already
+    checked they are the same groups) and gives each partition its own step. Patches this
+    one instance (a ``DeepSpeedZeroOptimizer_Stage3``).
+    """
+    patch = "muon_ds.patches.deepspeed.restore_groups_on_zero3_universal_load"
+    check_version(patch)
+    name = "load_hp_checkpoint_state_from_checkpoint_dir_stage3"
+    load = require_attribute(zero_optimizer, name, patch)
+    if getattr(load, _ORIGINAL, None) is not None:
+        return
+    inner = require_attribute(zero_optimizer, "optimizer", patch)
+
+    def load_restoring_groups(checkpoint_dir: str) -> Any:
+        result = load(checkpoint_dir)
+        path = os.path.join(checkpoint_dir, "zero", "optimizer_state.pt")
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved_groups = saved["optimizer_state_dict"]["param_groups"]
+        if len(saved_groups) != len(inner.param_groups):
+            raise PatchError(
+                f"{patch}: the checkpoint has {len(saved_groups)} param groups, the "
+                f"optimizer {len(inner.param_groups)}"
+            )
+        for group, saved_group in zip(inner.param_groups, saved_groups, strict=True):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        return result
+
+    setattr(load_restoring_groups, _ORIGINAL, load)
+    setattr(zero_optimizer, name, load_restoring_groups)
+
+
 def _saved_record(key: str, state_dict_list: Iterable[Any] | None, folder: str | None) -> Any:
     """``key`` from the first saved dict that has it, or from a universal checkpoint."""
     for saved in state_dict_list or ():
@@ -260,5 +306,6 @@ __all__ = [
     "build_from_config",
     "check_version",
     "record_in_zero_checkpoints",
+    "restore_groups_on_zero3_universal_load",
     "skip_shm_op_build",
 ]
