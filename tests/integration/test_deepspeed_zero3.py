@@ -13,6 +13,7 @@ partitions differ, so only the gradient reduction order and the owners change.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -25,12 +26,15 @@ import torch
 from tests.dist.zero1 import run_ranks
 from tests.integration.deepspeed_harness import TinyLM, batch, ds_config, use_gloo_only
 from tests.integration.test_deepspeed import (
+    FP16_CONFIG,
+    FP16_STEPS,
     MATRICES,
     MUON_PARAMS,
     STEPS,
     TOL,
     _compare,
     _reference,
+    _replay_errors,
     _train,
 )
 
@@ -268,3 +272,115 @@ def _to_universal(directory: str, tag: str) -> None:
     )
     with open(f"{directory}/latest_universal", "w") as latest:
         latest.write(f"{tag}_universal")
+
+
+# --- precision: bf16, fp16 dynamic loss scaling, a skipped overflow ------------------------
+
+
+def _record_gradients3(engine: Any) -> list[dict[str, torch.Tensor]]:
+    """The full gradient of every parameter at each optimizer step, as ZeRO-3 hands it to
+    the optimizer (averaged, unscaled, clipped): each sub-group's flat partition gradient,
+    placed by ``zero3_partition`` and summed over the ranks."""
+    import torch.distributed as dist
+
+    from muon_ds.patches.deepspeed_zero import full_shape, zero3_partition
+
+    optimizer = engine.basic_optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    steps: list[dict[str, torch.Tensor]] = []
+    real_step = optimizer.step
+
+    def step(closure: Any = None) -> Any:
+        grads = {}
+        for group in optimizer.param_groups:
+            if not group["params"]:
+                continue
+            flat = group["params"][0]
+            for param in optimizer._model_params[group["muon_ds_group"]]:
+                part = zero3_partition(param)
+                if part.buffer is not flat:
+                    continue
+                full = torch.zeros(math.prod(full_shape(param)))
+                lo, n = part.param_start, part.numel
+                full[lo : lo + n] = flat.grad[part.offset : part.offset + n]
+                dist.all_reduce(full)
+                grads[names[id(param)]] = full.view(full_shape(param))
+        if not steps or set(grads) & set(steps[-1]):
+            steps.append({})
+        steps[-1].update(grads)
+        return real_step(closure)
+
+    optimizer.step = step
+    return steps
+
+
+def _precision3(rank: int, world: int) -> dict[str, Any]:
+    """bf16 and fp16 under stage 3, checked against Muon replayed on ZeRO-3's own gradients
+    and masters; a non-finite bf16 step skipped with momentum untouched."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    use_gloo_only(rank, world)
+    type(get_accelerator()).is_fp16_supported = lambda self: True  # as in test_deepspeed
+    results: dict[str, Any] = {}
+    cases = {
+        "bf16": ({"bf16": {"enabled": True}}, STEPS),
+        "fp16": ({"fp16": FP16_CONFIG}, FP16_STEPS),
+    }
+    for name, (overrides, steps) in cases.items():
+        engine = _engine3(_stage3(TINY_SUB_GROUP, **overrides), zero_init=False)
+        masters = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
+        recorded = _record_gradients3(engine)
+        _train(engine, rank, 1, range(steps))
+        results[name] = {
+            "steps_recorded": len(recorded),
+            "skipped": engine.skipped_steps,
+            "errors": _replay_errors(engine, masters, recorded),
+        }
+
+    engine = _engine3(_stage3(TINY_SUB_GROUP, bf16={"enabled": True}), zero_init=False)
+    _train(engine, rank, 1, range(1))
+    params = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
+    momentum = safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
+    engine.backward(engine(batch(1, rank, 0)) * float("inf"))
+    engine.step()
+    results["overflow"] = {
+        "skipped": engine.skipped_steps,
+        "params_unchanged": all(
+            torch.equal(params[n], safe_get_full_fp32_param(p))
+            for n, p in engine.module.named_parameters()
+        ),
+        "momentum_unchanged": torch.equal(
+            momentum, safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
+        ),
+    }
+    return results
+
+
+@pytest.fixture(scope="module")
+def precision3() -> list[dict[str, Any]]:
+    return run_ranks(2, _precision3, timeout=900)
+
+
+def test_zero3_bf16_training_equals_muon_on_the_same_gradients(precision3) -> None:
+    for result in precision3:
+        assert result["bf16"]["steps_recorded"] == STEPS
+        assert max(result["bf16"]["errors"].values()) <= TOL, result["bf16"]["errors"]
+
+
+def test_zero3_fp16_loss_scaling_skips_overflows_and_trains_like_muon(precision3) -> None:
+    """Overflowed steps never reach the optimizer; the others equal Muon on their grads."""
+    for result in precision3:
+        fp16 = result["fp16"]
+        assert fp16["skipped"] >= 1
+        assert fp16["steps_recorded"] == FP16_STEPS - fp16["skipped"] >= 1
+        assert max(fp16["errors"].values()) <= TOL, fp16["errors"]
+
+
+def test_zero3_overflow_step_is_skipped_and_leaves_momentum_untouched(precision3) -> None:
+    for result in precision3:
+        assert result["overflow"] == {
+            "skipped": 1,
+            "params_unchanged": True,
+            "momentum_unchanged": True,
+        }
