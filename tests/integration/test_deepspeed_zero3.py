@@ -13,8 +13,10 @@ partitions differ, so only the gradient reduction order and the owners change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -384,3 +386,80 @@ def test_zero3_overflow_step_is_skipped_and_leaves_momentum_untouched(precision3
             "params_unchanged": True,
             "momentum_unchanged": True,
         }
+
+
+# --- refusals: ZeRO-3 features not covered, inside deepspeed.initialize --------------------
+
+UNCOVERED = {
+    "offload_optimizer": (
+        {"offload_optimizer": {"device": "cpu"}},
+        {},
+        r"MuonDS does not support offload_optimizer",
+    ),
+    "offload_param": (
+        {"offload_param": {"device": "cpu"}},
+        {},
+        r"MuonDS does not support offload_param yet",
+    ),
+    "hpz": ({"zero_hpz_partition_size": 2}, {}, r"MuonDS does not support ZeRO\+\+'s zero_hpz"),
+    "quantized_weights": (
+        {"zero_quantized_weights": True},
+        {},
+        r"MuonDS does not support ZeRO\+\+'s zero_quantized_weights",
+    ),
+    "quantized_gradients": (
+        {"zero_quantized_gradients": True},
+        {},
+        r"MuonDS does not support ZeRO\+\+'s zero_quantized_weights / zero_quantized_gradients",
+    ),
+}
+"""Case: (zero_optimization additions, top-level config additions, expected message)."""
+
+UNREACHABLE_ON_TINY_LM = {
+    "autotp": r"MuonDS does not support AutoTP \(tensor_parallel.autotp_size > 1\) yet",
+    "autoep": r"MuonDS does not support AutoEP \(expert_parallel\) yet",
+    "zenflow": r"MuonDS does not support ZenFlow \(zero_optimization.zenflow\) yet",
+}
+"""Settings whose DeepSpeed set-up needs a model TinyLM is not (AutoTP and AutoEP look
+for a known architecture, ZenFlow for its CPU optimizer op) before the optimizer is built;
+refused from the settings muon_ds reads."""
+
+
+def _refusals3(rank: int, world: int) -> dict[str, str]:
+    use_gloo_only(rank, world)
+    messages = {}
+    for name, (zero, top, _) in UNCOVERED.items():
+        config = ds_config(
+            {"type": "MuonDS", "params": MUON_PARAMS},
+            zero_optimization={"stage": 3, **zero},
+            **top,
+        )
+        try:
+            _engine3(config, zero_init=False)
+            messages[name] = "no error"
+        except Exception as error:  # what is refused, and by whom, is the assertion
+            messages[name] = f"{type(error).__name__}: {error}"
+    return messages
+
+
+@pytest.fixture(scope="module")
+def refusals3() -> list[dict[str, str]]:
+    return run_ranks(2, _refusals3, timeout=900)
+
+
+@pytest.mark.parametrize("case", sorted(UNCOVERED))
+def test_uncovered_zero3_features_are_refused_inside_initialize(refusals3, case: str) -> None:
+    for messages in refusals3:
+        assert messages[case].startswith("UnsupportedDeepSpeedSetupError: "), messages[case]
+        assert re.search(UNCOVERED[case][2], messages[case]), messages[case]
+
+
+@pytest.mark.parametrize("feature", sorted(UNREACHABLE_ON_TINY_LM))
+def test_zero3_features_refused_from_the_settings(feature: str) -> None:
+    from muon_ds.deepspeed.support import UnsupportedDeepSpeedSetupError, refuse_unsupported
+    from muon_ds.patches.deepspeed_zero import ZeroSettings
+
+    settings = ZeroSettings(stage=3, offload_optimizer=False, round_robin_gradients=False)
+    refuse_unsupported(settings)  # plain stage 3 is supported
+    with pytest.raises(UnsupportedDeepSpeedSetupError, match=UNREACHABLE_ON_TINY_LM[feature]):
+        refuse_unsupported(dataclasses.replace(settings, **{feature: True}))
