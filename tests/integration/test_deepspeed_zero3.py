@@ -111,7 +111,20 @@ def _zero3_cases(rank: int, world: int) -> dict[str, Any]:
             "planned_bytes": STEPS
             * sum(core.planned_bytes()["dense"] for core in basic._cores.values()),
             "routes": basic.routing_report().routes(),
+            "state_bytes": sum(
+                t.numel() * t.element_size()
+                for state in basic.state.values()
+                for key, t in state.items()
+                if key != "step"
+            ),
         }
+        if name == "default_sub_group":
+            zero3 = _full_state(engine)
+    # The same muon_ds on ZeRO-2 partitions: only the gradient reduction and owners differ.
+    engine = _engine3(CASES["default_sub_group"][0] | {"zero_optimization": {"stage": 2}}, False)
+    _train(engine, rank, 1, range(STEPS))
+    zero2 = _full_state(engine)
+    results["versus_zero2"] = max((zero3[k] - zero2[k]).abs().max().item() for k in zero2)
     return results
 
 
@@ -147,6 +160,25 @@ def test_counted_exchange_bytes_equal_the_plan(zero3_runs, case: str) -> None:
     for result in results:
         assert result[case]["exchange_bytes"] == result[case]["planned_bytes"]
         assert result[case]["exchange_bytes"] > 0  # every matrix spans every rank
+
+
+def test_zero3_equals_muon_ds_on_zero2(zero3_runs) -> None:
+    _, results = zero3_runs
+    for result in results:
+        assert result["versus_zero2"] <= TOL
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_optimizer_state_is_sharded_without_copies(zero3_runs, case: str) -> None:
+    """Over all ranks: 4 bytes (Muon's fp32 momentum) or 8 (Adam's two moments) per element
+    of every parameter, padded to a multiple of the ranks as ZeRO-3 pads it; nothing more."""
+    world, results = zero3_runs
+    model, routes = TinyLM(), results[0][case]["routes"]
+    ideal = sum(
+        -(-p.numel() // world) * world * (4 if routes[n] == "muon" else 8)
+        for n, p in model.named_parameters()
+    )
+    assert sum(r[case]["state_bytes"] for r in results) == ideal
 
 
 def test_zero_init_routes_by_the_full_shape(zero3_runs) -> None:
