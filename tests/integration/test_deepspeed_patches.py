@@ -26,12 +26,42 @@ PATCHES = Path(__file__).resolve().parents[2] / "patches"
 
 
 def _engine_stub() -> Any:
-    zero_config = SimpleNamespace(round_robin_gradients=False)
+    """What ``zero_settings`` reads of an engine, as DeepSpeed 0.19.8 has it by default."""
+    zero_config = SimpleNamespace(
+        round_robin_gradients=False,
+        zero_quantized_weights=False,
+        zero_quantized_gradients=False,
+        zenflow=None,
+    )
+    config = SimpleNamespace(
+        zero_config=zero_config, expert_parallel_config=SimpleNamespace(enabled=False)
+    )
     return SimpleNamespace(
         zero_optimization_stage=lambda: 1,
-        zero_cpu_offload=lambda: False,
-        _config=SimpleNamespace(zero_config=zero_config),
+        zero_offload_optimizer=lambda: None,
+        zero_offload_param=lambda: SimpleNamespace(device="none"),
+        zero_hpz_partition_size=lambda: 1,
+        autotp_size=lambda: 0,
+        _config=config,
     )
+
+
+def _zero3_param() -> torch.Tensor:
+    """A ZeRO-3 parameter of 10 elements, 5 per rank, in sub-group 1 at offset 3."""
+    param = torch.nn.Parameter(torch.empty(0))
+    stage3 = SimpleNamespace(
+        get_param_id=lambda p: 7,
+        grad_position={7: [1, 3, 5]},
+        sub_group_process_groups=[None, None],
+        fp32_partitioned_groups_flat=[torch.zeros(1), torch.zeros(8)],
+        optimizer=None,
+    )
+    param.ds_id = 7  # type: ignore[attr-defined]
+    param.ds_shape = (2, 5)  # type: ignore[attr-defined]
+    param.ds_numel = 10  # type: ignore[attr-defined]
+    param.partition_numel = lambda: 5  # type: ignore[attr-defined]
+    param._z3_optimizer = stage3  # type: ignore[attr-defined]
+    return param
 
 
 def _zero_stub() -> Any:
@@ -64,6 +94,15 @@ VERSIONED: dict[str, Callable[[], Any]] = {
         _zero_stub(), "key", dict, lambda saved: None
     ),
     "zero_settings": lambda: zero.zero_settings(_engine_stub()),
+    "zero3_partition": lambda: zero.zero3_partition(_zero3_param()),
+    "restore_groups_on_zero3_universal_load": lambda: (
+        patches.restore_groups_on_zero3_universal_load(
+            SimpleNamespace(
+                optimizer=torch.optim.SGD([torch.zeros(1)]),
+                load_hp_checkpoint_state_from_checkpoint_dir_stage3=lambda d: None,
+            )
+        )
+    ),
     "link_optimizer_state": lambda: zero.link_optimizer_state([], torch.zeros(1), {}),
     "skip_shm_op_build": patches.skip_shm_op_build,
 }
@@ -150,6 +189,34 @@ def test_engine_reads_refuse_an_engine_without_the_zero_config() -> None:
     del engine._config.zero_config.round_robin_gradients
     with pytest.raises(PatchError, match=r"patches SimpleNamespace\.round_robin_gradients"):
         zero.zero_settings(engine)
+
+
+def test_engine_reads_see_each_stage3_setting_muon_ds_refuses() -> None:
+    engine = _engine_stub()
+    assert zero.zero_settings(engine) == zero.ZeroSettings(1, False, False)
+    engine.zero_offload_param = lambda: SimpleNamespace(device="cpu")
+    engine.zero_hpz_partition_size = lambda: 2
+    engine.autotp_size = lambda: 2
+    engine._config.zero_config.zero_quantized_gradients = True
+    engine._config.zero_config.zenflow = SimpleNamespace()
+    engine._config.expert_parallel_config.enabled = True
+    assert zero.zero_settings(engine) == zero.ZeroSettings(
+        1, False, False, True, True, True, True, True, True
+    )
+
+
+def test_zero3_partition_reads_where_this_rank_holds_a_parameter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rank r holds [5 r, 5 r + 5) of 10 elements; a third rank would hold padding only."""
+    param = _zero3_param()
+    for rank, (start, numel) in enumerate([(0, 5), (5, 5), (10, 0)]):
+        monkeypatch.setattr(zero.dist, "get_rank", lambda group=None, rank=rank: rank)
+        partition = zero.zero3_partition(param)
+        assert (partition.sub_group, partition.offset) == (1, 3)
+        assert (partition.param_start, partition.numel) == (start, numel)
+        assert partition.buffer is param._z3_optimizer.fp32_partitioned_groups_flat[1]
+    assert zero.full_shape(param) == (2, 5)
 
 
 def test_group_read_refuses_a_partitioned_parameter_without_its_group() -> None:
