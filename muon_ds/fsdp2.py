@@ -16,23 +16,40 @@ placements, as torch's own optimizers keep it under FSDP2, so
 A parameter without a gradient is stepped with a zero gradient on every rank (its
 momentum decays), as under ZeRO: no rank waits for another's exchange.
 
-Covered: FSDP (1-D mesh, ``Shard(0)``) and HSDP. Refused with a clear error: other
-placements (``Shard`` on another dim, a mesh with tensor parallelism), plain tensors,
-parameters on different meshes.
+Under tensor parallelism (a 2-D data-parallel x tensor-parallel mesh, FSDP2 applied over
+``parallelize_module``'s ``ColwiseParallel`` / ``RowwiseParallel``), each rank holds a
+row range of its TP-local shard: a ``ShardView`` with its ``TensorParallel`` split; the
+logical matrix is gathered over every DP and TP rank to its owner, as under Megatron's
+TP, and TP-replicated parameters exchange within each TP rank's data-parallel group.
+
+Covered: FSDP (1-D mesh, ``Shard(0)``), HSDP, and FSDP x TP (``COVERED``). Refused with
+a clear error: other placements (``Shard`` on another dim, uneven TP splits, 3-D meshes),
+plain tensors, parameters sharded over different groups of ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from muon_ds.closure import loss_from_closure
 from muon_ds.config import MuonConfig
-from muon_ds.layout import ShardView, group_key, split_param_group, tag_embeddings
+from muon_ds.layout import (
+    NOT_SPLIT,
+    ShardView,
+    TensorParallel,
+    group_key,
+    split_param_group,
+    tag_embeddings,
+)
 from muon_ds.math import matrix_shape
+from muon_ds.patches.torch_dtensor import strided_shard
 from muon_ds.sharded import ShardedMuonCore
 
 
@@ -53,7 +70,7 @@ class FSDPMuon(torch.optim.Optimizer):
         self.skipped_steps = 0
         tag_embeddings(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        mesh = _mesh_of(named)
+        layouts = _layouts_of(named)
         groups = split_param_group(
             {"params": named}, lambda member: group_key(*member, self.config)
         )
@@ -67,12 +84,10 @@ class FSDPMuon(torch.optim.Optimizer):
             view
             for index, (name, p) in enumerate(zip(names, self._params, strict=True))
             if self._algorithms[index] == "muon"
-            for view in _view(name, p, index)
+            for view in _view(name, p, index, layouts[name])
         ]
-        # The shard dim's group: under HSDP each replica exchanges within its own.
-        shards = mesh.get_group(mesh.ndim - 1)
         self.core = ShardedMuonCore(
-            self._locals, self._algorithms, views, self.config, {"dense": shards}
+            self._locals, self._algorithms, views, self.config, _exchange_groups(layouts)
         )
 
     @torch.no_grad()
@@ -97,32 +112,89 @@ class FSDPMuon(torch.optim.Optimizer):
         return loss
 
 
-SUPPORTED = {1: (Shard(0),), 2: (Replicate(), Shard(0))}
-"""Mesh dims -> the placements covered: FSDP's ``Shard(0)``, and HSDP's replicas of it."""
+@dataclass(frozen=True)
+class _Layout:
+    """How FSDP2 (and tensor parallelism) placed one parameter on its mesh."""
+
+    rows_dim: int
+    """The mesh dim whose ranks hold row ranges (FSDP's ``Shard(0)``)."""
+    rows_group: dist.ProcessGroup
+    """That dim's process group: where the parameter's row pieces are exchanged."""
+    tp: TensorParallel
+    """``NOT_SPLIT``, or the tensor-parallel split of the 2-D matrix (``Shard(0)``:
+    ``ColwiseParallel``'s rows, ``Shard(1)``: ``RowwiseParallel``'s columns)."""
 
 
-def _mesh_of(named: list[tuple[str, torch.Tensor]]) -> Any:
-    """The one mesh every parameter is placed on as ``SUPPORTED`` says, or a clear error."""
-    meshes = []
+COVERED = (
+    "(Shard(dim=0),) on a 1-D mesh (FSDP); (Replicate(), Shard(dim=0)) on a 2-D mesh "
+    "(HSDP); on a 2-D (data-parallel, tensor-parallel) mesh, FSDP2 over ColwiseParallel "
+    "(_StridedShard(dim=0), Shard(dim=0)), over RowwiseParallel (Shard(dim=0), "
+    "Shard(dim=1)), or over a TP-replicated parameter (Shard(dim=0), Replicate())"
+)
+"""The placements ``FSDPMuon`` covers, as its refusals name them."""
+
+
+def _layout(name: str, p: DTensor) -> _Layout:
+    """``p``'s layout if its placements are ``COVERED``, else a clear error."""
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim == 1 and placements == (Shard(0),):
+        return _Layout(0, mesh.get_group(0), NOT_SPLIT)
+    if mesh.ndim == 2 and placements == (Replicate(), Shard(0)):
+        return _Layout(1, mesh.get_group(1), NOT_SPLIT)
+    if mesh.ndim == 2 and placements == (Shard(0), Replicate()):
+        return _Layout(0, mesh.get_group(0), NOT_SPLIT)
+    if mesh.ndim == 2 and p.dim() <= 2:
+        tp = TensorParallel(mesh.get_local_rank(1), mesh.size(1), 0)
+        size = mesh.size(1)
+        if placements == (Shard(0), Shard(1)) and p.shape[1] % size == 0:
+            return _Layout(0, mesh.get_group(0), dataclasses.replace(tp, dim=1))
+        if (
+            strided_shard(placements[0]) == (0, size)
+            and placements[1] == Shard(0)
+            and p.shape[0] % size == 0
+        ):
+            return _Layout(0, mesh.get_group(0), tp)
+    raise ValueError(
+        f"FSDPMuon: parameter {name!r} of shape {tuple(p.shape)} is placed {placements} on "
+        f"a {mesh.ndim}-D mesh; covered: {COVERED} (a tensor-parallel split must divide "
+        "the split dim of a 1-D or 2-D parameter evenly)"
+    )
+
+
+def _layouts_of(named: list[tuple[str, torch.Tensor]]) -> dict[str, _Layout]:
+    """Every parameter's layout; all must exchange row pieces over one group of ranks."""
+    layouts = {}
     for name, p in named:
         if not isinstance(p, DTensor):
             raise ValueError(
                 f"FSDPMuon: parameter {name!r} is a plain tensor, not an FSDP2 DTensor; apply "
                 "torch.distributed.fsdp.fully_shard to the model (and its blocks) first"
             )
-        if SUPPORTED.get(p.device_mesh.ndim) != tuple(p.placements):
-            raise ValueError(
-                f"FSDPMuon: parameter {name!r} is placed {tuple(p.placements)} on a "
-                f"{p.device_mesh.ndim}-D mesh; supported: (Shard(dim=0),) on a 1-D mesh "
-                "(FSDP) or (Replicate(), Shard(dim=0)) on a 2-D one (HSDP), not tensor "
-                "parallelism or Shard on other dims"
-            )
-        meshes.append(p.device_mesh)
-    if not meshes:
+        layouts[name] = _layout(name, p)
+    if not layouts:
         raise ValueError("FSDPMuon: the model has no parameter that requires a gradient")
-    if any(m != meshes[0] for m in meshes):
-        raise ValueError("FSDPMuon: the parameters lie on different meshes; use one mesh")
-    return meshes[0]
+    members = {tuple(dist.get_process_group_ranks(v.rows_group)) for v in layouts.values()}
+    if len(members) > 1:
+        raise ValueError(
+            "FSDPMuon: the parameters are sharded over different groups of ranks "
+            f"{sorted(members)}; shard every parameter over one data-parallel mesh dim"
+        )
+    return layouts
+
+
+def _exchange_groups(layouts: dict[str, _Layout]) -> dict[str, dist.ProcessGroup | None]:
+    """The exchange's groups: the row pieces' group ("dense"), and for tensor-parallel
+    matrices every rank of the job ("dense_tp": pieces come from every DP and TP rank)."""
+    groups = {"dense": next(iter(layouts.values())).rows_group}
+    if any(v.tp.size > 1 for v in layouts.values()):
+        world = dist.get_world_size()
+        if any(v.rows_group.size() * v.tp.size != world for v in layouts.values() if v.tp.size > 1):
+            raise ValueError(
+                "FSDPMuon: under tensor parallelism the (data-parallel, tensor-parallel) mesh "
+                f"must span all {world} ranks (a pipeline-parallel sub-mesh is not covered)"
+            )
+        groups["dense_tp"] = None
+    return groups
 
 
 def _local_flat(p: DTensor) -> torch.Tensor:
@@ -136,22 +208,38 @@ def _local_flat(p: DTensor) -> torch.Tensor:
     return local.view(-1)
 
 
-def _view(name: str, p: DTensor, index: int) -> list[ShardView]:
-    """This rank's row range of ``p`` as a ``ShardView`` (none when it holds no rows)."""
+def _view(name: str, p: DTensor, index: int, layout: _Layout) -> list[ShardView]:
+    """This rank's row range of ``p`` (of its TP-local matrix under tensor parallelism)
+    as a ``ShardView``; none when it holds no rows."""
     rows, cols = matrix_shape(p.shape)
-    shard_dim = p.device_mesh.ndim - 1
-    world = p.device_mesh.size(shard_dim)
-    chunk = -(-p.shape[0] // world)
-    first = min(p.shape[0], p.device_mesh.get_local_rank(shard_dim) * chunk)
+    if layout.tp.size > 1:
+        split = layout.tp.size
+        rows, cols = (rows // split, cols) if layout.tp.dim == 0 else (rows, cols // split)
+    mesh = p.device_mesh
+    world = mesh.size(layout.rows_dim)
+    chunk = -(-rows // world)
+    first = min(rows, mesh.get_local_rank(layout.rows_dim) * chunk)
     held = p.to_local().shape[0]
-    if held != min(chunk, p.shape[0] - first):
+    if held != min(chunk, rows - first):
         raise ValueError(
             f"FSDPMuon: parameter {name!r} holds {held} rows on this rank; torch.chunk "
-            f"sharding of {p.shape[0]} rows over {world} ranks gives {chunk} from row {first}"
+            f"sharding of {rows} rows over {world} ranks gives {chunk} from row {first}"
         )
     if held == 0:
         return []
-    return [ShardView(name, (rows, cols), first * cols, (first + held) * cols, index, 0)]
+    group = "dense_tp" if layout.tp.size > 1 else "dense"
+    return [
+        ShardView(
+            name,
+            (rows, cols),
+            first * cols,
+            (first + held) * cols,
+            index,
+            0,
+            tp=layout.tp,
+            group=group,
+        )
+    ]
 
 
 def _local_state(state: dict[str, Any]) -> dict[str, Any]:

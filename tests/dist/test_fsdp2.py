@@ -53,17 +53,31 @@ def _grads(model: nn.Module, step: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters()}
 
 
-def _sharded(world: int, replicas: int = 1) -> Tiny:
-    """FSDP over ``world`` ranks, or HSDP: ``replicas`` x ``world / replicas``."""
+def _sharded(world: int, replicas: int = 1, tp: int = 1) -> Tiny:
+    """FSDP over ``world`` ranks; HSDP: ``replicas`` x ``world / replicas``; or FSDP over
+    ``world / tp`` ranks of blocks that tensor parallelism splits over ``tp`` (up
+    projection ``ColwiseParallel``, down ``RowwiseParallel``, as torchtitan applies them);
+    the rest (embedding, conv, norm, head) is FSDP only, replicated over TP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
-    if replicas == 1:
+    model = _model()
+    if tp > 1:
+        mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        plan = {"0": ColwiseParallel(), "1": RowwiseParallel()}
+        for block in model.blocks:
+            parallelize_module(block, mesh["tp"], plan)
+        mesh = mesh["dp"]
+    elif replicas == 1:
         mesh = init_device_mesh("cpu", (world,))
     else:
         names = ("replicate", "shard")
         mesh = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=names)
-    model = _model()
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -96,8 +110,10 @@ def _errors(model: nn.Module, expected: dict[str, torch.Tensor]) -> dict[str, fl
     }
 
 
-def _train(rank: int, world: int, missing: str | None = None, replicas: int = 1) -> dict[str, Any]:
-    model = _sharded(world, replicas)
+def _train(
+    rank: int, world: int, missing: str | None = None, replicas: int = 1, tp: int = 1
+) -> dict[str, Any]:
+    model = _sharded(world, replicas, tp)
     optimizer = FSDPMuon(model, CONFIG)
     for step in range(STEPS):
         _set_grads(model, step, missing)
@@ -143,6 +159,18 @@ def test_hsdp_replicas_each_equal_single_process_muon() -> None:
     assert sum(r["ns_matrices"] for r in results) == 2 * 5 * STEPS
 
 
+@pytest.mark.parametrize("missing", [None, "blocks.1.0.weight"], ids=["all", "missing_grad"])
+def test_fsdp_over_tensor_parallel_blocks_equals_single_process_muon(missing) -> None:
+    """DP 2 x TP 2: each TP-split matrix is gathered over all four ranks and orthogonalised
+    once; the conv kernel, replicated over TP, once per TP rank's DP group."""
+    results = run_ranks(4, _train, missing, 1, 2)
+    for result in results:
+        assert max(result["errors"].values()) <= TOL, result["errors"]
+        assert result["bytes"] == result["planned"]
+        assert result["momentum"] == {"DTensor"}
+    assert sum(r["ns_matrices"] for r in results) == (4 + 2) * STEPS
+
+
 def test_a_parameter_without_gradient_steps_as_zero_without_hanging() -> None:
     results = run_ranks(2, _train, "blocks.0.0.weight", timeout=120)
     for result in results:
@@ -152,11 +180,11 @@ def test_a_parameter_without_gradient_steps_as_zero_without_hanging() -> None:
 # --- checkpoints -----------------------------------------------------------------------
 
 
-def _save(rank: int, world: int, directory: str, steps: int) -> None:
+def _save(rank: int, world: int, directory: str, steps: int, tp: int = 1) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model = _sharded(world)
+    model = _sharded(world, tp=tp)
     optimizer = FSDPMuon(model, CONFIG)
     for step in range(steps):
         _set_grads(model, step)
@@ -165,11 +193,11 @@ def _save(rank: int, world: int, directory: str, steps: int) -> None:
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
 
 
-def _resume(rank: int, world: int, directory: str, steps: int) -> dict[str, Any]:
+def _resume(rank: int, world: int, directory: str, steps: int, tp: int = 1) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model = _sharded(world)
+    model = _sharded(world, tp=tp)
     optimizer = FSDPMuon(model, CONFIG)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
@@ -183,11 +211,18 @@ def _resume(rank: int, world: int, directory: str, steps: int) -> dict[str, Any]
     return {"errors": _errors(model, _reference(STEPS))}
 
 
-@pytest.mark.parametrize(("save_world", "load_world"), [(2, 2), (4, 2)], ids=["same", "4to2"])
-def test_dcp_checkpoint_resumes_and_reshards(save_world: int, load_world: int) -> None:
+@pytest.mark.parametrize(
+    ("save_world", "save_tp", "load_world", "load_tp"),
+    [(2, 1, 2, 1), (4, 1, 2, 1), (4, 2, 2, 1)],
+    ids=["same", "4to2", "dp2xtp2_to_dp2"],
+)
+def test_dcp_checkpoint_resumes_and_reshards(
+    save_world: int, save_tp: int, load_world: int, load_tp: int
+) -> None:
+    """Saved by name, loaded on another world size or without tensor parallelism."""
     with tempfile.TemporaryDirectory() as directory:
-        run_ranks(save_world, _save, directory, 2)
-        results = run_ranks(load_world, _resume, directory, 2)
+        run_ranks(save_world, _save, directory, 2, save_tp)
+        results = run_ranks(load_world, _resume, directory, 2, load_tp)
     for result in results:
         assert max(result["errors"].values()) <= TOL, result["errors"]
 
@@ -216,7 +251,7 @@ def _refusal(rank: int, world: int, case: str) -> str:
     ("case", "expected"),
     [
         ("plain", "is a plain tensor, not an FSDP2 DTensor"),
-        ("shard1", "supported: (Shard(dim=0),) on a 1-D mesh (FSDP) or (Replicate(),"),
+        ("shard1", "covered: (Shard(dim=0),) on a 1-D mesh (FSDP); (Replicate(),"),
     ],
 )
 def test_what_is_not_covered_is_refused_naming_what_is(case: str, expected: str) -> None:
