@@ -4,11 +4,12 @@ No GPU runs here. For full-size shapes (Moonlight-16B-A3B, a Llama-3-8B- and a 7
 dense model) and DP x TP x EP layouts, the script counts exactly what each scheme moves
 and computes per step, then turns the counts into time with stated H100-like rates:
 
-* **muon_ds**: ``muon_ds.plan.build_plan`` over ``ShardView``s of ZeRO-1 element-wise
-  shards. Each logical matrix has one owner, or (``--owner-team-max`` > 1) a team of ranks
-  of one node when it is too big for any one rank; straddling slices travel to it in bf16
-  and the update travels back; Newton-Schulz runs once per matrix (a team's collectives
-  run as rings over its members, charged at their bytes and a fixed latency per call).
+* **muon_ds**: ``muon_ds.plan.build_plan`` over ``ShardView``s of the layout's shards
+  (ZeRO-1 unless ``--sharding`` says otherwise). Each logical matrix has one owner, or
+  (``--owner-team-max`` > 1) a team of ranks of one node when it is too big for any one
+  rank; straddling slices travel to it in bf16 and the update travels back; Newton-Schulz
+  runs once per matrix (a team's collectives run as rings over its members, charged at
+  their bytes and a fixed latency per call).
   Owners balance each rank's total Newton-Schulz load over all its groups, as muon_ds's
   Megatron adapter plans them: one per-rank ledger (``muon_ds.plan.NsLedger``), the dense
   optimizer's groups ("dense", then "dense_tp") and the expert optimizer's, the experts
@@ -29,11 +30,17 @@ All three orthogonalise the same logical matrices (Q, K, V apart; gate and up ap
 one matrix per expert), so they differ in layout only. (Megatron's own Muon keeps a gated
 fc1 whole; that changes its math, not its layout.)
 
-**Shards.** As DeepSpeed ZeRO-1 lays them out with muon_ds's param groups: on each TP
-rank, the TP-local Muon matrices in model order form one flat buffer (dense) split
-evenly over the DP group; each EP rank's experts form another, split over the
-expert-data-parallel group (expert TP = 1). AdamW params (embedding, output head, norms)
-sit in their own buffers and only add to the elementwise update. No pipeline parallelism.
+**Shards.** As DeepSpeed ZeRO-1 lays them out with muon_ds's param groups (``--sharding
+zero1``, the default): on each TP rank, the TP-local Muon matrices in model order form
+one flat buffer (dense) split evenly over the DP group; each EP rank's experts form
+another, split over the expert-data-parallel group (expert TP = 1). ``--sharding zero3``
+(DeepSpeed ZeRO-3) instead gives DP rank r the flat elements [r*p, (r+1)*p) of every
+TP-local param, p = ceil(numel / DP); ``--sharding fsdp2`` (FSDP2's ``Shard(0)``) its
+rows [r*q, (r+1)*q), q = ceil(rows / DP): either way every matrix spans (nearly) every
+DP rank and travels to its owner and back. AdamW params (embedding, output head, norms)
+are sharded the same way, sit in their own buffers and only add to the elementwise
+update (DeepSpeed steps its padding too). Megatron's whole-matrix layout is its own and
+does not change with ``--sharding``. No pipeline parallelism.
 Global rank = t + TP * d (TP innermost, so TP stays inside a node) and, for experts,
 e + EP * j; node = rank // gpus_per_node. A byte between two ranks of one node moves at
 NVLink speed, else at InfiniBand speed.
@@ -57,7 +64,8 @@ assumed to overlap (muon_ds does overlap buckets with NS: the model is conservat
 it). The share is optimizer / (compute + optimizer). Megatron's padding is reported but
 not charged (it inflates the framework's gradient and parameter collectives and memory).
 
-    .venv/bin/python -m benchmarks.scale_model [--out out/scale_model] [--help for rates]
+    .venv/bin/python -m benchmarks.scale_model [--sharding zero1|zero3|fsdp2]
+        [--out out/scale_model] [--help for rates]
 """
 
 from __future__ import annotations
@@ -73,14 +81,21 @@ from benchmarks.scale_model.costs import (
     whole_params,
 )
 from benchmarks.scale_model.layouts import (
+    SHARDERS,
+    SHARDING_NAMES,
+    SHARDINGS,
     Group,
     Layout,
     LocalParam,
+    Sharding,
+    adamw_elements,
     build_groups,
     check_layout,
+    fsdp2_views,
     local_param,
     plan_muon_ds,
     zero1_views,
+    zero3_views,
 )
 from benchmarks.scale_model.report import (
     DEFAULT_LAYOUTS,
@@ -123,6 +138,9 @@ __all__ = [
     "MUON_BYTES_PER_ELEMENT",
     "RATE_HELP",
     "SCHEMES",
+    "SHARDERS",
+    "SHARDINGS",
+    "SHARDING_NAMES",
     "Cost",
     "GlobalCost",
     "Group",
@@ -133,12 +151,15 @@ __all__ = [
     "ParamSpec",
     "Rates",
     "SchemeResult",
+    "Sharding",
     "WholeParam",
     "active_params",
+    "adamw_elements",
     "algorithm1_cost",
     "build_groups",
     "check_layout",
     "evaluate",
+    "fsdp2_views",
     "local_param",
     "main",
     "markdown",
@@ -152,4 +173,5 @@ __all__ = [
     "transformer_params",
     "whole_params",
     "zero1_views",
+    "zero3_views",
 ]

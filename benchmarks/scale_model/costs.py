@@ -60,23 +60,33 @@ def algorithm1_cost(plan: Plan, tp: int, wire_bytes: int) -> Cost:
     TP peers (group rank ``t + tp * d``, same d); every holder runs the full NS.
     """
     cost = Cost.empty(plan.world)
+    # What each holder sends to every other holder of its part, summed per holder set
+    # before the pairs are written out: under per-param sharding every matrix has up to
+    # hundreds of holders, and the same sets recur layer after layer.
+    to_each: dict[tuple[int, tuple[int, ...]], int] = defaultdict(int)
     for m in plan.matrices:
         held: dict[int, int] = defaultdict(int)
         part_of: dict[int, int] = {}
         for p in m.pieces:
             held[p.holder] += p.numel
             part_of[p.holder] = p.tp_rank
+        by_part: dict[int, list[int]] = defaultdict(list)
+        for h in sorted(held):
+            by_part[part_of[h]].append(h)
+        holders = {part: tuple(ranks) for part, ranks in by_part.items()}
         for h, numel in held.items():
             cost.ns_flops[h] += m.flops
             cost.ns_calls[h] += 1
-            for peer in held:
-                if peer != h and part_of[peer] == part_of[h]:
-                    cost.flows[(h, peer)] += wire_bytes * numel
+            to_each[(h, holders[part_of[h]])] += wire_bytes * numel
             if m.tp_size > 1:
                 d = h // tp
                 for t in range(tp):
                     if t != part_of[h]:
                         cost.flows[(h, t + tp * d)] += wire_bytes * m.numel // m.tp_size
+    for (h, peers), nbytes in to_each.items():
+        for peer in peers:
+            if peer != h:
+                cost.flows[(h, peer)] += nbytes
     return cost
 
 

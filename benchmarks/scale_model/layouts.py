@@ -5,24 +5,42 @@ Planned by production's own planner (``muon_ds.plan.plan_groups``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from benchmarks.scale_model.specs import Model, ParamSpec, transformer_params
 from muon_ds.config import MuonConfig
 from muon_ds.layout import NOT_SPLIT, RowBlock, ShardView, TensorParallel, gated_blocks, qkv_blocks
 from muon_ds.plan import NsLedger, Plan, experts_planned_first, plan_groups
-from muon_ds.testing.zero1 import even_split
+from muon_ds.testing.zero1 import even_split, shard_numel
 
 DENSE_CORE, EXPERT_CORE = ("dense", "dense_tp"), ("expert",)
 """The groups each optimizer core of muon_ds's Megatron adapter plans."""
 
+Sharding = Literal["zero1", "zero3", "fsdp2"]
+SHARDINGS: tuple[str, ...] = get_args(Sharding)
+SHARDING_NAMES = {"zero1": "ZeRO-1", "zero3": "ZeRO-3", "fsdp2": "FSDP2"}
+
 
 @dataclass(frozen=True)
 class Layout:
+    """GPUs, TP and EP sizes, and how the framework shards each DP group's params.
+
+    ``sharding``: "zero1" (one flat buffer split evenly, DeepSpeed ZeRO-1/2 and Megatron's
+    distributed optimizer), "zero3" (DeepSpeed ZeRO-3: every param split on its own into
+    flat ranges) or "fsdp2" (PyTorch FSDP2's ``Shard(0)``: every param split on its own
+    into row ranges).
+    """
+
     gpus: int
     tp: int = 1
     ep: int = 1
+    sharding: Sharding = "zero1"
+
+    def __post_init__(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding {self.sharding!r} is not one of {', '.join(SHARDINGS)}")
 
     @property
     def dp(self) -> int:
@@ -33,7 +51,8 @@ class Layout:
         return self.gpus // self.ep
 
     def label(self) -> str:
-        return f"DP{self.dp}xTP{self.tp}" + (f", EP{self.ep} (EDP{self.expert_dp})" * (self.ep > 1))
+        experts = f", EP{self.ep} (EDP{self.expert_dp})" * (self.ep > 1)
+        return f"DP{self.dp}xTP{self.tp}{experts}, {SHARDING_NAMES[self.sharding]}"
 
 
 def check_layout(model: Model, layout: Layout, gpus_per_node: int) -> None:
@@ -88,26 +107,95 @@ def local_param(spec: ParamSpec, model: Model, tp: int, tp_rank: int) -> LocalPa
     return LocalParam(spec.name, (rows, cols), tp_split, blocks, group)
 
 
+def _view(param: LocalParam, start: int, end: int, offset: int) -> ShardView:
+    """Elements ``[start, end)`` of ``param``'s TP-local matrix, at ``offset`` in buffer 0."""
+    return ShardView(
+        param.name,
+        param.matrix_shape,
+        start,
+        end,
+        0,
+        offset,
+        tp=param.tp,
+        blocks=param.blocks,
+        group=param.group,
+    )
+
+
+def _numel(param: LocalParam) -> int:
+    return param.matrix_shape[0] * param.matrix_shape[1]
+
+
 def zero1_views(params: Sequence[LocalParam], ranks: int) -> list[list[ShardView]]:
-    """ZeRO-1: the params concatenated into one flat buffer, split evenly over ``ranks``."""
-    numels = [p.matrix_shape[0] * p.matrix_shape[1] for p in params]
+    """ZeRO-1: the params concatenated into one flat buffer, split evenly over ``ranks``.
+
+    Boundaries fall wherever the even split puts them, so a matrix straddles only the
+    few ranks whose ranges meet it.
+    """
     return [
-        [
-            ShardView(
-                params[s.param].name,
-                params[s.param].matrix_shape,
-                s.start,
-                s.end,
-                0,
-                s.offset,
-                tp=params[s.param].tp,
-                blocks=params[s.param].blocks,
-                group=params[s.param].group,
-            )
-            for s in rank
-        ]
-        for rank in even_split(numels, ranks)
+        [_view(params[s.param], s.start, s.end, s.offset) for s in rank]
+        for rank in even_split([_numel(p) for p in params], ranks)
     ]
+
+
+def zero3_views(params: Sequence[LocalParam], ranks: int) -> list[list[ShardView]]:
+    """DeepSpeed ZeRO-3: each param split on its own into flat ranges of
+    ceil(numel / ranks) elements, rank r's from r times that, padding at the end.
+
+    So every matrix of at least ``ranks`` elements spans all ranks. A rank's partition
+    lays its ranges end to end, each in its padded size (DeepSpeed's ``grad_position``
+    offsets into the sub-group's flat fp32 partition).
+    """
+    return _per_param_views(params, ranks, [1] * len(params))
+
+
+def fsdp2_views(params: Sequence[LocalParam], ranks: int) -> list[list[ShardView]]:
+    """PyTorch FSDP2's ``Shard(0)``: each param split on its own into ceil(rows / ranks)
+    whole rows, rank r's from r times that (``torch.chunk``), of its TP-local matrix.
+
+    Whole rows of the 2-D view are contiguous flat ranges, so the views are flat ranges
+    as ZeRO-3's, cut at row boundaries. FSDP2 keeps each param's rows in its own tensor;
+    here they lie end to end in one buffer, which changes no count.
+    """
+    return _per_param_views(params, ranks, [p.matrix_shape[1] for p in params])
+
+
+def _per_param_views(
+    params: Sequence[LocalParam], ranks: int, grain: Sequence[int]
+) -> list[list[ShardView]]:
+    """Each param cut on its own into ``ranks`` chunks of ceil(units / ranks) units of
+    ``grain`` elements; a rank whose chunk is all padding holds no view of that param."""
+    views: list[list[ShardView]] = [[] for _ in range(ranks)]
+    offset = 0
+    for param, unit in zip(params, grain, strict=True):
+        numel = _numel(param)
+        chunk = shard_numel(numel // unit, ranks) * unit
+        for rank in range(min(ranks, -(-numel // chunk))):
+            views[rank].append(_view(param, rank * chunk, min(numel, (rank + 1) * chunk), offset))
+        offset += chunk
+    return views
+
+
+SHARDERS: dict[str, Callable[[Sequence[LocalParam], int], list[list[ShardView]]]] = {
+    "zero1": zero1_views,
+    "zero3": zero3_views,
+    "fsdp2": fsdp2_views,
+}
+"""Each sharding's views of a DP group's params."""
+
+
+def adamw_elements(params: Sequence[LocalParam], ranks: int, sharding: Sharding) -> list[int]:
+    """The AdamW elements each rank's optimizer steps.
+
+    DeepSpeed steps its whole flat partition, padding included: ZeRO-1's even shard, or
+    ZeRO-3's padded range of every param. FSDP2's local tensors hold only real rows.
+    """
+    if sharding == "fsdp2":
+        return [sum(v.numel for v in views) for views in fsdp2_views(params, ranks)]
+    numels = [_numel(p) for p in params]
+    if sharding == "zero3":
+        return [sum(shard_numel(n, ranks) for n in numels)] * ranks
+    return [shard_numel(sum(numels), ranks)] * ranks
 
 
 @dataclass(frozen=True)
@@ -132,8 +220,9 @@ def build_groups(model: Model, layout: Layout) -> list[Group]:
     tp, dp, ep = layout.tp, layout.dp, layout.ep
     groups = []
     # Dense buffer: TP rank t's dense Muon params; its DP rank d is global rank t + tp * d.
+    shard = SHARDERS[layout.sharding]
     by_tp = [
-        zero1_views([local_param(s, model, tp, t) for s in specs if s.expert is None], dp)
+        shard([local_param(s, model, tp, t) for s in specs if s.expert is None], dp)
         for t in range(tp)
     ]
     tp_split = tuple(
@@ -153,7 +242,7 @@ def build_groups(model: Model, layout: Layout) -> list[Group]:
             tuple(
                 map(
                     tuple,
-                    zero1_views(
+                    shard(
                         [
                             local_param(s, model, 1, 0)
                             for s in specs

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.scale_model.layouts import Layout, check_layout
+from benchmarks.scale_model.layouts import SHARDING_NAMES, SHARDINGS, Layout, check_layout
 from benchmarks.scale_model.specs import (
     ADAMW_BYTES_PER_ELEMENT,
     MODELLED_BF16_UNITS,
@@ -166,7 +166,8 @@ def plot(rows: Sequence[dict], path: Path) -> None:
         ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("GPUs")
         ax.set_ylabel("optimizer share of step time (%)")
-        ax.set_title(model)
+        shardings = dict.fromkeys(SHARDING_NAMES[r["sharding"]] for r in mine)
+        ax.set_title(f"{model}, {', '.join(shardings)}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -205,6 +206,14 @@ def main() -> None:
         help="muon_ds's largest owner team (MuonConfig.owner_team_max; default 1: no teams)",
     )
     parser.add_argument(
+        "--sharding",
+        choices=SHARDINGS,
+        default="zero1",
+        help="how every layout's DP groups shard the params: zero1 (one flat buffer split "
+        "evenly), zero3 (each param in flat ranges) or fsdp2 (each param in row ranges); "
+        "default zero1",
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
         help="also print muon_ds's time parts with Gram and teams off and on (four runs)",
@@ -214,7 +223,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     config = MuonConfig(ns_algorithm=args.ns_algorithm, owner_team_max=args.owner_team_max)
-    layouts = args.layout or DEFAULT_LAYOUTS
+    layouts = [
+        (key, dataclasses.replace(layout, sharding=args.sharding))
+        for key, layout in args.layout or DEFAULT_LAYOUTS
+    ]
     try:
         rates = Rates(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Rates)})
         for key, layout in layouts:
@@ -232,6 +244,7 @@ def main() -> None:
         f"limit {config.owner_imbalance_limit}, buckets of {config.exchange_bucket_mb:g} MiB, "
         f"ns_algorithm {config.ns_algorithm!r}, owner teams of at most {config.owner_team_max}"
     )
+    print(f"  params sharded as {SHARDING_NAMES[args.sharding]} ({args.sharding}) in every layout")
     for key in dict.fromkeys(k for k, _ in layouts):
         print(f"  {key}: {MODELS[key].description}")
     rows = []

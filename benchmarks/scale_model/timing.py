@@ -18,7 +18,14 @@ from benchmarks.scale_model.costs import (
     muon_ds_cost,
     whole_params,
 )
-from benchmarks.scale_model.layouts import Layout, build_groups, check_layout, plan_muon_ds
+from benchmarks.scale_model.layouts import (
+    Layout,
+    adamw_elements,
+    build_groups,
+    check_layout,
+    local_param,
+    plan_muon_ds,
+)
 from benchmarks.scale_model.specs import (
     ADAMW_BYTES_PER_ELEMENT,
     MODELLED_BF16_UNITS,
@@ -217,11 +224,12 @@ def model_layout(
             logical_flops += sum(m.flops for m in plan.matrices)
             logical_calls += len(plan.matrices)
 
-    adamw_local = sum(s.numel // (tp if s.tp_dim is not None else 1) for s in specs if not s.muon)
-    adamw_shard = -(-adamw_local // dp)
+    # AdamW params (TP rank 0's: every TP rank's have the same sizes) on each DP rank.
+    adamw = [local_param(s, model, tp, 0) for s in specs if not s.muon]
+    adamw_by_dp = adamw_elements(adamw, dp, layout.sharding)
 
-    def zero1_elements() -> list[list[int]]:
-        elements = [[0, adamw_shard] for _ in range(world)]
+    def shard_elements() -> list[list[int]]:
+        elements = [[0, adamw_by_dp[r // tp]] for r in range(world)]
         for g in groups:
             for copy_views, replica in zip(g.views, g.replicas, strict=True):
                 for i, views in enumerate(copy_views):
@@ -231,8 +239,8 @@ def model_layout(
     def blank(elements: list[list[int]]) -> GlobalCost:
         return GlobalCost(defaultdict(int), [0] * world, [0] * world, [tuple(e) for e in elements])
 
-    muon_ds = blank(zero1_elements())
-    alg1 = blank(zero1_elements())
+    muon_ds = blank(shard_elements())
+    alg1 = blank(shard_elements())
     for g in groups:
         group_tp = tp if g.name == "dense_tp" else 1
         for plan, replica in zip(plans[g.name], g.replicas, strict=True):
@@ -244,6 +252,7 @@ def model_layout(
     order = [s.name for s in specs]
     dense = whole_params([plans[n][0] for n in ("dense_tp", "dense") if n in plans], order)
     dense_layout = megatron_layout(dense, dp)
+    adamw_shard = adamw_elements(adamw, dp, "zero1")[0]  # its distributed optimizer's
     megatron_elements = [[dense_layout.loads[r // tp], adamw_shard] for r in range(world)]
     padding, buffer_numel = dense_layout.padding * tp, sum(p.numel for p in dense) * tp
     megatron = GlobalCost(defaultdict(int), [0] * world, [0] * world, [])
@@ -276,6 +285,7 @@ def model_layout(
         "tp": tp,
         "ep": layout.ep,
         "dp": dp,
+        "sharding": layout.sharding,
         "expert_dp": layout.expert_dp if model.shape.experts else None,
         "layout": layout.label(),
         "params": sum(s.numel for s in specs),

@@ -148,8 +148,9 @@ def _holdings(views, model: sm.Model, layout: sm.Layout):
     return held
 
 
-def test_algorithm1_gathers_every_straddling_matrix_to_every_holder():
-    model, layout = TINY_DENSE, sm.Layout(4)
+@pytest.mark.parametrize("sharding", sm.SHARDINGS)
+def test_algorithm1_gathers_every_straddling_matrix_to_every_holder(sharding):
+    model, layout = TINY_DENSE, sm.Layout(4, sharding=sharding)
     (group,), plans = _plans(model, layout)
     (plan,) = plans[group.name]
     cost = sm.algorithm1_cost(plan, 1, 2)
@@ -166,6 +167,13 @@ def test_algorithm1_gathers_every_straddling_matrix_to_every_holder():
     for (_, dst), nbytes in cost.flows.items():
         got[dst] += nbytes
     assert got == received
+    sent = [0] * plan.world  # each holder's piece to every other holder of the matrix
+    for (src, _), nbytes in cost.flows.items():
+        sent[src] += nbytes
+    assert sent == [
+        sum(2 * h[rank] * (len(h) - 1) for h in held.values() if rank in h)
+        for rank in range(plan.world)
+    ]
     assert cost.ns_flops == ns
     assert any(len(h) > 1 for h in held.values())  # the shards do cut matrices
     row = sm.model_layout(model, layout, RATES, CONFIG)
