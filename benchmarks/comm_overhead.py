@@ -1,4 +1,4 @@
-"""Communication overhead of Muon: muon_ds against ZeRO-1 AdamW and the frameworks' own Muon.
+"""Communication overhead of Muon: muon_ds against each framework's AdamW and its own Muon.
 
 One command trains every contender on the same model, ranks, seed and tokens, each run in
 fresh processes (one per rank) with torch.distributed's collectives wrapped by
@@ -7,11 +7,14 @@ and layout:
 
 * bytes per step by collective (payload and ring-model wire bytes, per rank and summed
   over ranks) and the total wire bytes over the same framework's AdamW at the same layout
-  (``zero1_adamw`` for DeepSpeed, ``megatron_adam`` for Megatron);
+  (``BASELINES``: ``zero1_adamw`` for DeepSpeed ZeRO-1, ``zero3_adamw`` for ZeRO-3,
+  ``fsdp2_adamw`` for FSDP2, ``megatron_adam`` for Megatron);
 * Newton-Schulz calls summed over ranks over the model's Muon matrices (NS redundancy:
   1.00 means each matrix is orthogonalised once) and the max/mean NS FLOPs over ranks;
 * optimizer-step and iteration time (the slowest rank's median over the measured steps)
-  and their ratio to AdamW's, in this run; optimizer-state bytes.
+  and their ratio to AdamW's, in this run; optimizer-state bytes and, where the contender
+  reports it, their ratio to the ideal (4 bytes an element Muon steps, 8 AdamW's);
+* each muon_ds run against its issue's goals (``BYTE_GOALS``).
 
 Counted quantities are exact; times depend on the machine and its load, so read them only
 as ratios within one run. A contender that fails on a layout is reported as failed with
@@ -20,8 +23,9 @@ its first error line (each rank's log is kept under ``<out>/logs``).
     .venv/bin/python -m benchmarks.comm_overhead [--models dense moe] [--worlds 2 4]
         [--contenders zero1_adamw ...] [--steps 5] [--warmup 2] [--out out/comm_overhead]
 
-The contenders live in ``deepspeed_contenders.py`` and ``megatron_contenders.py``; each
-exposes ``CONTENDERS`` and ``LAYOUTS`` (see their docstrings for what each one runs).
+The contenders live in ``deepspeed_contenders.py``, ``megatron_contenders.py`` and
+``fsdp2_contenders.py``; each exposes ``CONTENDERS`` and ``LAYOUTS`` (see their docstrings
+for what each one runs).
 """
 
 from __future__ import annotations
@@ -50,9 +54,38 @@ from benchmarks.run_options import RunOptions
 from benchmarks.shapes import CPU_SHAPES, ModelShape, full_size
 from muon_ds.testing.ports import free_port
 
-CONTENDER_MODULES = ("benchmarks.deepspeed_contenders", "benchmarks.megatron_contenders")
-BASELINES = {"deepspeed": "zero1_adamw", "megatron": "megatron_adam"}
-"""Each framework's AdamW, the denominator of its contenders' ratios."""
+CONTENDER_MODULES = (
+    "benchmarks.deepspeed_contenders",
+    "benchmarks.megatron_contenders",
+    "benchmarks.fsdp2_contenders",
+)
+BASELINES = {
+    "deepspeed": "zero1_adamw",
+    "deepspeed_zero3": "zero3_adamw",
+    "megatron": "megatron_adam",
+    "fsdp2": "fsdp2_adamw",
+}
+"""Each framework's AdamW, the denominator of its contenders' ratios (a ZeRO stage's
+contenders are a framework of their own: ZeRO-3 moves parameters, ZeRO-1 does not)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteGoal:
+    """What a framework's muon_ds contender may move per step, from the issue naming it."""
+
+    issue: int
+    adamw: float
+    """At most this many times its framework's AdamW's wire bytes."""
+    rivals: dict[str, float] = dataclasses.field(default_factory=dict)
+    """At most this many times each named contender's wire bytes."""
+
+
+BYTE_GOALS = {
+    "deepspeed": ByteGoal(7, 1.05),
+    "megatron": ByteGoal(7, 1.05),
+    "deepspeed_zero3": ByteGoal(18, 1.25, {"deepspeed_muon_zero3": 0.5}),
+    "fsdp2": ByteGoal(18, 1.25),
+}
 FAILURE_GRACE_SECONDS = 30.0
 """After one rank fails, how long the others get to report before they are killed (a rank
 waiting in a collective for the failed one would otherwise hang until the timeout)."""
@@ -255,10 +288,17 @@ def summarise(record: dict[str, Any]) -> dict[str, Any]:
         "iteration_seconds": max(r["iteration_seconds"] for r in ranks),
         "state_bytes_total": sum(r["state_bytes"] for r in ranks),
         "state_bytes_max": max(r["state_bytes"] for r in ranks),
+        "ideal_state_bytes_total": _total_or_none([r.get("ideal_state_bytes") for r in ranks]),
         "param_count": first["param_count"],
         "final_loss": first["final_loss"],
         "notes": first["notes"],
     }
+
+
+def _total_or_none(values: list[int | None]) -> int | None:
+    """The sum, or None when a rank did not report the quantity (Megatron's contenders do
+    not compute an ideal state)."""
+    return None if any(v is None for v in values) else sum(values)  # type: ignore[arg-type]
 
 
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -300,13 +340,13 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     header = (
         "| model | layout | contender | wire MB/step | x AdamW | calls/step | NS calls/step "
         "(matrices) | NS redundancy | NS FLOP max/mean | opt step ms | x AdamW | iteration ms "
-        "| state MB | final loss |"
+        "| state MB | x ideal | final loss |"
     )
     lines = [header, header_rule(header)]
     for r in _table_order(records):
         head = f"| {r['model']} | {r['layout']} | {r['contender']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} FAILED: {r['error'].replace('|', '/')} |" + " |" * 10)
+            lines.append(f"{head} FAILED: {r['error'].replace('|', '/')} |" + " |" * 11)
             continue
         s = r["summary"]
         lines.append(
@@ -315,9 +355,14 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
             f"{_fmt(s['ns_redundancy'], '.2f')} | {_fmt(s['ns_flop_imbalance'], '.2f')} | "
             f"{1e3 * s['optimizer_step_seconds']:.1f} | {_fmt(s['step_time_ratio'], '.2f')} | "
             f"{1e3 * s['iteration_seconds']:.1f} | {_mb(s['state_bytes_total'])} | "
-            f"{s['final_loss']:.4f} |"
+            f"{_fmt(_state_over_ideal(s), '.4f')} | {s['final_loss']:.4f} |"
         )
     return "\n".join(lines)
+
+
+def _state_over_ideal(summary: dict[str, Any]) -> float | None:
+    ideal = summary.get("ideal_state_bytes_total")
+    return summary["state_bytes_total"] / ideal if ideal else None
 
 
 def _table_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -345,37 +390,58 @@ def per_rank_table(records: list[dict[str, Any]]) -> str:
 
 
 def goals(records: list[dict[str, Any]]) -> str:
-    """Issue 7's goals for each muon_ds run, against its framework's other Muon runs."""
+    """Each muon_ds run against its issue's goals (``BYTE_GOALS``): wire bytes over its
+    framework's AdamW and named rivals, NS redundancy, optimizer state against its ideal;
+    and its optimizer time against every other Muon of its framework (issue 7)."""
     ok = [r for r in records if "summary" in r]
     lines = []
     for mine in ok:
-        if not mine["contender"].startswith("muon_ds"):
-            continue
-        s = mine["summary"]
-        ratio, redundancy = s["wire_ratio"], s["ns_redundancy"]
-        lines.append(
-            f"- {mine['model']} {mine['layout']} {mine['contender']}: bytes "
-            f"{_fmt(ratio, '.4f')}x AdamW (<= 1.05: "
-            f"{'met' if ratio is not None and ratio <= 1.05 else 'NOT met'}); NS redundancy "
-            f"{_fmt(redundancy, '.2f')} (= 1.00: {'met' if redundancy == 1.0 else 'NOT met'})"
-        )
-        rivals = [
-            r
-            for r in ok
-            if (r["model"], r["layout"]) == (mine["model"], mine["layout"])
-            and r["summary"]["framework"] == s["framework"]
-            and r["contender"] not in (mine["contender"], BASELINES[s["framework"]])
-        ]
-        for rival in rivals:
-            other = rival["summary"]
-            step_ratio = s["optimizer_step_seconds"] / other["optimizer_step_seconds"]
-            lines.append(
-                f"  - vs {rival['contender']} (NS redundancy "
-                f"{_fmt(other['ns_redundancy'], '.2f')}, "
-                f"bytes {_fmt(other['wire_ratio'], '.4f')}x AdamW): optimizer step "
-                f"{step_ratio:.2f}x its time ({'met' if step_ratio < 1 else 'NOT met'})"
-            )
+        if mine["contender"].startswith("muon_ds"):
+            lines += _goal_lines(mine, ok)
     return "\n".join(lines)
+
+
+def _met(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def _goal_lines(mine: dict[str, Any], ok: list[dict[str, Any]]) -> list[str]:
+    s = mine["summary"]
+    goal = BYTE_GOALS[s["framework"]]
+    ratio, redundancy = s["wire_ratio"], s["ns_redundancy"]
+    line = (
+        f"- {mine['model']} {mine['layout']} {mine['contender']} (issue {goal.issue}): bytes "
+        f"{_fmt(ratio, '.4f')}x AdamW (<= {goal.adamw}: "
+        f"{_met(ratio is not None and ratio <= goal.adamw)}); NS redundancy "
+        f"{_fmt(redundancy, '.2f')} (= 1.00: {_met(redundancy == 1.0)})"
+    )
+    ideal = s.get("ideal_state_bytes_total")
+    if ideal is not None:
+        line += (
+            f"; state {_mb(s['state_bytes_total'])} MB, ideal {_mb(ideal)} MB "
+            f"(= ideal: {_met(s['state_bytes_total'] == ideal)})"
+        )
+    rivals = [
+        r
+        for r in ok
+        if (r["model"], r["layout"]) == (mine["model"], mine["layout"])
+        and r["summary"]["framework"] == s["framework"]
+        and r["contender"] not in (mine["contender"], BASELINES[s["framework"]])
+    ]
+    return [line] + [_rival_line(s, r, goal.rivals.get(r["contender"])) for r in rivals]
+
+
+def _rival_line(mine: dict[str, Any], rival: dict[str, Any], limit: float | None) -> str:
+    """Bytes (against the issue's limit, where it names this rival) and optimizer time."""
+    other = rival["summary"]
+    bytes_ratio = mine["wire_total"] / other["wire_total"]
+    step_ratio = mine["optimizer_step_seconds"] / other["optimizer_step_seconds"]
+    bound = "" if limit is None else f" (<= {limit}: {_met(bytes_ratio <= limit)})"
+    return (
+        f"  - vs {rival['contender']} (NS redundancy {_fmt(other['ns_redundancy'], '.2f')}, "
+        f"bytes {_fmt(other['wire_ratio'], '.4f')}x AdamW): bytes {bytes_ratio:.4f}x its{bound}; "
+        f"optimizer step {step_ratio:.2f}x its time ({_met(step_ratio < 1)})"
+    )
 
 
 def plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -484,7 +550,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             markdown_table(records),
             "Per rank, by collective (ranks in order):",
             per_rank_table(records),
-            "Goals (issue 7):",
+            "Goals (issues 7 and 18):",
             goals(records) or "(no muon_ds contender ran)",
             "Notes:",
             "\n".join(

@@ -1,41 +1,65 @@
-"""DeepSpeed contenders of the communication benchmark: ZeRO-1 AdamW, DeepSpeed's Muon, muon_ds.
+"""DeepSpeed contenders of the communication benchmark: AdamW, DeepSpeed's Muon and muon_ds
+under ZeRO stage 1 and under ZeRO stage 3.
 
-Each trains the plain-torch model of ``benchmarks.torch_models`` under DeepSpeed ZeRO
-stage 1 on gloo CPU ranks (or whatever accelerator DeepSpeed picks on a GPU machine) from
-the same seed on the same tokens, with one lr and weight decay for every part
-(``RunOptions``), gradient clipping off and AdamW betas (0.9, 0.95), eps 1e-8:
+Each trains the plain-torch model of ``benchmarks.torch_models`` under DeepSpeed ZeRO on
+gloo CPU ranks (or whatever accelerator DeepSpeed picks on a GPU machine) from the same
+seed on the same tokens, with one lr and weight decay for every part (``RunOptions``),
+gradient clipping off and AdamW betas (0.9, 0.95), eps 1e-8. The same three optimizers
+run at each stage (``SPECS``); a stage-3 contender's ratios are over ``zero3_adamw``:
 
-* ``zero1_adamw``: ``"type": "AdamW"`` with ``torch_adam`` (torch's AdamW on each rank's
-  flat partition; DeepSpeed's FusedAdam would JIT-build an op on CPU).
-* ``deepspeed_muon``: DeepSpeed 0.19.8's own ``"type": "Muon"`` (its AdamW half also
-  torch's). It runs momentum and Newton-Schulz for every matrix a rank holds any part of
-  inside ``engine.backward()``, in ZeRO's ``get_flat_partition``. ``ns_method: "standard"``
-  is Moonlight's quintic (5 steps), which DeepSpeed runs in bf16 on this accelerator (its
-  own choice, not configurable), under ``torch.compile``. Its update scale is
-  ``sqrt(max(1, rows/cols))``, not Moonlight's ``0.2 sqrt(max(rows, cols))`` (no option),
-  so its loss is not comparable to the others'; the counted work is.
-* ``muon_ds_deepspeed``: ``"type": "MuonDS"`` (``import muon_ds.deepspeed``): Moonlight's
-  Muon, each matrix orthogonalised once by its owner, Newton-Schulz and the exchange in the
-  dtype ``ns_dtype="auto"`` resolves to on the device (named in the notes).
+* ``zero1_adamw`` / ``zero3_adamw``: ``"type": "AdamW"`` with ``torch_adam`` (torch's AdamW
+  on each rank's flat partition; DeepSpeed's FusedAdam would JIT-build an op on CPU).
+* ``deepspeed_muon`` / ``deepspeed_muon_zero3``: DeepSpeed 0.19.8's own ``"type": "Muon"``
+  (its AdamW half also torch's). ``ns_method: "standard"`` is Moonlight's quintic (5
+  steps), which DeepSpeed runs in bf16 on this accelerator (its own choice, not
+  configurable), under ``torch.compile``. Its update scale is ``sqrt(max(1, rows/cols))``,
+  not Moonlight's ``0.2 sqrt(max(rows, cols))`` (no option), so its loss is not comparable
+  to the others'; the counted work is. Under stage 1 it runs momentum and Newton-Schulz
+  for every matrix a rank holds any part of inside ``engine.backward()``, in ZeRO's
+  ``get_flat_partition``. Under stage 3 it needs ``"reduce_scatter": false`` (gradients
+  are all-reduced; DeepSpeed refuses the two together) and runs in ``engine.step()``
+  (``_apply_muon_to_accumulated_grads``): each matrix's full gradient and momentum are
+  all-gathered, each rank orthogonalises a round-robin share, and the updates and momenta
+  are all-gathered again.
+* ``muon_ds_deepspeed`` / ``muon_ds_zero3``: ``"type": "MuonDS"`` (``import
+  muon_ds.deepspeed``): Moonlight's Muon, each matrix orthogonalised once by its owner,
+  Newton-Schulz and the exchange in the dtype ``ns_dtype="auto"`` resolves to on the
+  device (named in the notes).
 
-Optimizer time, the same for all three: ``engine.step()`` (norm check, the optimizer on the
-local partition, the parameter all-gather) plus the time spent in ZeRO's
-``get_flat_partition`` during backward, which is where DeepSpeed's Muon does its work (for
-the other two it only flattens gradients).
+Optimizer time: ``engine.step()`` (norm check, the optimizer on the local partition, the
+stage-1 parameter all-gather), plus under stage 1 the time spent in ZeRO's
+``get_flat_partition`` during backward, which is where DeepSpeed's stage-1 Muon does its
+work (for the other two it only flattens gradients). Each record also gives the state
+the optimizer ideally keeps for this rank's partition (``benchmarks.records``).
+
+ZeRO-3 checks its recorded parameter-fetch trace against the other ranks once, in the
+second iteration (six small broadcasts from ``reset_step``), so its counts are the same
+every step only from the third: keep ``--warmup`` at 2 or more (the default) for stage 3.
+At these CPU sizes ZeRO-3's defaults keep every parameter gathered in forward until
+backward (``stage3_max_reuse_distance`` 1e9 elements exceeds the model), so each one is
+gathered once a step; a model past those limits is gathered again in backward.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from benchmarks import torch_models
+from benchmarks.records import (
+    counts_constant,
+    exact_mean,
+    ideal_state_bytes,
+    per_step,
+    state_bytes,
+    synchronized_now,
+)
 from benchmarks.run_options import RunOptions, tokens
 from benchmarks.shapes import ModelShape
 from muon_ds.math import newton_schulz_flops
@@ -45,11 +69,38 @@ NS_STEPS = 5
 ADAMW = {"betas": [0.9, 0.95], "eps": 1e-8}
 
 
-def _optimizer_config(contender: str, options: RunOptions) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Contender:
+    """One optimizer (``adamw``, ``deepspeed_muon`` or ``muon_ds``) at one ZeRO stage."""
+
+    name: str
+    optimizer: str
+    stage: int
+
+    @property
+    def framework(self) -> str:
+        """The driver's grouping: ratios are over the AdamW of the same ZeRO stage."""
+        return "deepspeed" if self.stage == 1 else "deepspeed_zero3"
+
+
+SPECS = {
+    spec.name: spec
+    for spec in (
+        Contender("zero1_adamw", "adamw", 1),
+        Contender("deepspeed_muon", "deepspeed_muon", 1),
+        Contender("muon_ds_deepspeed", "muon_ds", 1),
+        Contender("zero3_adamw", "adamw", 3),
+        Contender("deepspeed_muon_zero3", "deepspeed_muon", 3),
+        Contender("muon_ds_zero3", "muon_ds", 3),
+    )
+}
+
+
+def _optimizer_config(spec: Contender, options: RunOptions) -> dict[str, Any]:
     shared = {"lr": options.lr, "weight_decay": options.weight_decay}
-    if contender == "zero1_adamw":
+    if spec.optimizer == "adamw":
         return {"type": "AdamW", "params": {**shared, **ADAMW, "torch_adam": True}}
-    if contender == "deepspeed_muon":
+    if spec.optimizer == "deepspeed_muon":
         muon = {"momentum": 0.95, "ns_method": "standard"}
         return {"type": "Muon", "params": {**shared, **ADAMW, **muon, "torch_adam": True}}
     betas = tuple(ADAMW["betas"])
@@ -59,13 +110,17 @@ def _optimizer_config(contender: str, options: RunOptions) -> dict[str, Any]:
     }
 
 
-def _ds_config(shape: ModelShape, options: RunOptions, optimizer: dict[str, Any]) -> dict:
+def _ds_config(shape: ModelShape, options: RunOptions, spec: Contender) -> dict:
+    zero: dict[str, Any] = {"stage": spec.stage}
+    if spec.stage == 3 and spec.optimizer == "deepspeed_muon":
+        # stage3.py: "Muon and reduce scatter cannot be used together".
+        zero["reduce_scatter"] = False
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": shape.micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,
-        "optimizer": optimizer,
-        "zero_optimization": {"stage": 1},
+        "optimizer": _optimizer_config(spec, options),
+        "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -84,13 +139,6 @@ def _init_deepspeed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def synchronized_now() -> float:
-    """Wall time after the device has finished what was queued (a no-op wait on CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 class _NewtonSchulzCount:
     """Matrices orthogonalised and their FLOPs, since construction."""
 
@@ -100,8 +148,8 @@ class _NewtonSchulzCount:
 
 
 def _count_deepspeed_muon(count: _NewtonSchulzCount) -> None:
-    """Count DeepSpeed's Muon updates: ZeRO imports ``muon_update`` at each call, so the
-    module attribute is what runs; each call orthogonalises one whole matrix once."""
+    """Count DeepSpeed's Muon updates: ZeRO 1 and 3 import ``muon_update`` at each call, so
+    the module attribute is what runs; each call orthogonalises one whole matrix once."""
     from deepspeed.runtime.zero.muon import original_muon
 
     compiled = original_muon.muon_update
@@ -119,8 +167,8 @@ def _count_deepspeed_muon(count: _NewtonSchulzCount) -> None:
 def time_calls(owner: Any, method: str, seconds: list[float]) -> None:
     """Add the synchronised wall time of every call of ``owner.method`` to ``seconds[0]``.
 
-    ZeRO's ``get_flat_partition`` runs in backward; DeepSpeed's Muon does its whole update
-    there, so an optimizer time of ``engine.step()`` alone would miss it."""
+    ZeRO-1's ``get_flat_partition`` runs in backward; DeepSpeed's stage-1 Muon does its
+    whole update there, so an optimizer time of ``engine.step()`` alone would miss it."""
     original: Callable[..., Any] = getattr(owner, method)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -133,32 +181,22 @@ def time_calls(owner: Any, method: str, seconds: list[float]) -> None:
     setattr(owner, method, timed)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of momenta and moments (scalar step counters left out)."""
-    return sum(
-        t.numel() * t.element_size()
-        for state in optimizer.state.values()
-        for t in state.values()
-        if torch.is_tensor(t) and t.numel() > 1
-    )
-
-
-def _muon_param_names(contender: str, engine: Any) -> list[str]:
+def _muon_param_names(spec: Contender, engine: Any) -> list[str]:
     """The parameters this contender orthogonalises, read from the optimizer itself."""
-    if contender == "deepspeed_muon":
+    if spec.optimizer == "deepspeed_muon":
         return [n for n, p in engine.module.named_parameters() if getattr(p, "use_muon", False)]
-    if contender == "muon_ds_deepspeed":
+    if spec.optimizer == "muon_ds":
         from muon_ds import routing_report
 
         return [t.name for t in routing_report(engine).tensors if t.route == "muon"]
     return []
 
 
-def _ns_dtype(contender: str, engine: Any) -> str:
+def _ns_dtype(spec: Contender, engine: Any) -> str:
     """The dtype the contender's Newton-Schulz runs in, as the optimizer itself chose it."""
-    if contender == "muon_ds_deepspeed":
+    if spec.optimizer == "muon_ds":
         dtypes = {core.ns_dtype for core in engine.basic_optimizer._cores.values()}
-    elif contender == "deepspeed_muon":
+    elif spec.optimizer == "deepspeed_muon":
         from deepspeed.runtime.zero.muon.original_muon import ns_compute_dtype
 
         dtypes = {ns_compute_dtype("standard")}
@@ -167,141 +205,208 @@ def _ns_dtype(contender: str, engine: Any) -> str:
     return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
 
 
-def _ns_totals(contender: str, engine: Any, count: _NewtonSchulzCount) -> tuple[int, int, int]:
+def _ns_totals(spec: Contender, engine: Any, count: _NewtonSchulzCount) -> tuple[int, int, int]:
     """Newton-Schulz calls and FLOPs so far, and (muon_ds only) its own exchange bytes."""
-    if contender == "muon_ds_deepspeed":
+    if spec.optimizer == "muon_ds":
         optimizer = engine.basic_optimizer
         flops = sum(c.counter.ns_flops for c in optimizer._cores.values())
         return optimizer.ns_matrices(), flops, optimizer.exchange_bytes()
     return count.calls, count.flops, 0
 
 
-def _run(contender: str, rank: int, world: int, shape: ModelShape, options: RunOptions) -> dict:
+def _planned_exchange_bytes(spec: Contender, engine: Any) -> int:
+    """What muon_ds's plans say this rank sends per step in its exchanges (0 for others)."""
+    if spec.optimizer != "muon_ds":
+        return 0
+    cores = engine.basic_optimizer._cores.values()
+    return sum(sum(core.planned_bytes().values()) for core in cores)
+
+
+def _held_elements(engine: Any, stage: int) -> dict[str, int]:
+    """Elements of each parameter this rank's optimizer steps: its ZeRO-3 partition
+    (``partition_numel``, the padding ZeRO-3 adds to each parameter included, as its flat
+    fp32 partitions carry it) or its ZeRO-1 fragment."""
+    from muon_ds.patches.deepspeed_zero import partition_fragment
+
+    held = {}
+    for name, param in engine.module.named_parameters():
+        if stage == 3:
+            held[name] = param.partition_numel()
+        else:
+            fragment = partition_fragment(param)
+            held[name] = fragment.numel if fragment is not None else 0
+    return held
+
+
+def _engine(spec: Contender, shape: ModelShape, options: RunOptions) -> tuple[Any, list[str]]:
+    """The contender's engine over a fresh model, and the model's Muon matrices (checked
+    against what the optimizer routes to Muon)."""
+    import deepspeed
+
+    if spec.optimizer == "muon_ds":
+        import muon_ds.deepspeed  # noqa: F401  (registers "MuonDS")
+    model = torch_models.build(shape, options.seed)
+    expected = torch_models.muon_matrices(model)  # before ZeRO-3 flattens the parameters
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=_ds_config(shape, options, spec)
+    )
+    routed = _muon_param_names(spec, engine)
+    if routed and sorted(routed) != sorted(expected):
+        raise RuntimeError(f"{spec.name} routes {len(routed)} matrices to Muon, not {expected}")
+    return engine, expected
+
+
+@dataclass
+class _Measured:
+    """What the measured steps cost this rank."""
+
+    snapshots: list[dict[str, dict[str, int]]]
+    ns_per_step: list[tuple[int, int, int]]
+    step_times: list[float]
+    iteration_times: list[float]
+    loss: torch.Tensor
+
+
+def _train(
+    spec: Contender,
+    engine: Any,
+    shape: ModelShape,
+    options: RunOptions,
+    rank: int,
+    ns_count: _NewtonSchulzCount,
+) -> _Measured:
+    """``warmup + steps`` iterations; counts and times of the measured ones."""
+    counter = collectives.install()
+    flatten_seconds = [0.0]
+    if spec.stage == 1:
+        time_calls(engine.optimizer, "get_flat_partition", flatten_seconds)
+    measured = _Measured([], [], [], [], torch.zeros(()))
+    for step in range(options.warmup + options.steps):
+        batch = tokens(shape, options, step, rank).to(engine.device)
+        counter.reset()
+        before = _ns_totals(spec, engine, ns_count)
+        flatten_seconds[0] = 0.0
+        start = synchronized_now()
+        measured.loss = engine(batch)
+        engine.backward(measured.loss)
+        backward_done = synchronized_now()
+        engine.step()
+        end = synchronized_now()
+        after = _ns_totals(spec, engine, ns_count)
+        if step >= options.warmup:
+            measured.snapshots.append(counter.snapshot())
+            measured.ns_per_step.append(tuple(a - b for a, b in zip(after, before, strict=True)))
+            measured.step_times.append(end - backward_done + flatten_seconds[0])
+            measured.iteration_times.append(end - start)
+    return measured
+
+
+def _notes(spec: Contender, ns_dtype: str) -> str:
+    eager = os.environ.get("TORCHDYNAMO_DISABLE") == "1"  # what torch.compile itself reads
+    compiled = "eager (TORCHDYNAMO_DISABLE=1)" if eager else "torch.compile"
+    if spec.stage == 1:
+        where = "backward (ZeRO get_flat_partition)"
+        timing = "engine.step() + ZeRO get_flat_partition in backward"
+    else:
+        where = "engine.step() (all-gathers full gradients and momenta; reduce_scatter off)"
+        timing = "engine.step()"
+    notes = {
+        "adamw": f"torch AdamW on each rank's ZeRO-{spec.stage} partition.",
+        "deepspeed_muon": (
+            f"DeepSpeed's Muon at ZeRO-{spec.stage}: momentum + NS run in {where}; NS "
+            f"'standard' quintic, {ns_dtype}, {compiled}; scale sqrt(max(1,rows/cols))"
+            + (
+                "; state_bytes leaves out its momentum staging copy (momentum_staging_bytes)."
+                if spec.stage == 1
+                else "."
+            )
+        ),
+        "muon_ds": (
+            f"MuonDS at ZeRO-{spec.stage}: Moonlight's Muon, NS once per matrix by its owner; "
+            f"NS and wire in {ns_dtype} (ns_dtype 'auto')."
+        ),
+    }[spec.optimizer]
+    return f"{notes} Optimizer time = {timing}; iteration = forward + backward + step."
+
+
+def _run(spec: Contender, rank: int, world: int, shape: ModelShape, options: RunOptions) -> dict:
     if options.layout not in ("", f"DP={world}"):
         raise ValueError(f"DeepSpeed contenders run DP={world} only, not {options.layout!r}")
     counter = collectives.install()
     _init_deepspeed()
-    import deepspeed
-
-    if contender == "muon_ds_deepspeed":
-        import muon_ds.deepspeed  # noqa: F401  (registers "MuonDS")
     ns_count = _NewtonSchulzCount()
-    if contender == "deepspeed_muon":
+    if spec.optimizer == "deepspeed_muon":
         _count_deepspeed_muon(ns_count)
-
-    model = torch_models.build(shape, options.seed)
-    config = _ds_config(shape, options, _optimizer_config(contender, options))
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=config
-    )
-    expected = torch_models.muon_matrices(engine.module)
-    routed = _muon_param_names(contender, engine)
-    if routed and sorted(routed) != sorted(expected):
-        raise RuntimeError(f"{contender} routes {len(routed)} matrices to Muon, not {expected}")
-    flatten_seconds = [0.0]
-    time_calls(engine.optimizer, "get_flat_partition", flatten_seconds)
-
-    snapshots, ns_per_step, step_times, iteration_times = [], [], [], []
-    loss = torch.zeros(())
-    for step in range(options.warmup + options.steps):
-        batch = tokens(shape, options, step, rank).to(engine.device)
-        counter.reset()
-        before = _ns_totals(contender, engine, ns_count)
-        flatten_seconds[0] = 0.0
-        start = synchronized_now()
-        loss = engine(batch)
-        engine.backward(loss)
-        backward_done = synchronized_now()
-        engine.step()
-        end = synchronized_now()
-        after = _ns_totals(contender, engine, ns_count)
-        if step >= options.warmup:
-            snapshots.append(counter.snapshot())
-            ns_per_step.append(tuple(a - b for a, b in zip(after, before, strict=True)))
-            step_times.append(end - backward_done + flatten_seconds[0])
-            iteration_times.append(end - start)
-
+    engine, expected = _engine(spec, shape, options)
+    measured = _train(spec, engine, shape, options, rank, ns_count)
     with counter.pause():
-        final_loss = loss.detach().float().clone()
+        final_loss = measured.loss.detach().float().clone()
         dist.all_reduce(final_loss)
+    return _record(spec, rank, world, shape, engine, expected, measured) | {
+        "final_loss": final_loss.item() / world
+    }
+
+
+def _record(
+    spec: Contender,
+    rank: int,
+    world: int,
+    shape: ModelShape,
+    engine: Any,
+    expected: list[str],
+    measured: _Measured,
+) -> dict[str, Any]:
     staging = sum(
         staged.numel() * staged.element_size()
         for staged, _ in getattr(engine.optimizer, "_muon_pending_momentum", {}).values()
     )
-    eager = os.environ.get("TORCHDYNAMO_DISABLE") == "1"  # what torch.compile itself reads
-    compiled = "eager (TORCHDYNAMO_DISABLE=1)" if eager else "torch.compile"
-    ns_dtype = _ns_dtype(contender, engine)
-    notes = {
-        "zero1_adamw": "torch AdamW on each rank's ZeRO-1 partition.",
-        "deepspeed_muon": (
-            "DeepSpeed's Muon: momentum + NS of every matrix a rank holds any part of, run in "
-            f"backward (ZeRO get_flat_partition); NS 'standard' quintic, {ns_dtype}, "
-            f"{compiled}; scale sqrt(max(1,rows/cols)); state_bytes leaves out its "
-            "momentum staging copy (momentum_staging_bytes)."
-        ),
-        "muon_ds_deepspeed": (
-            f"MuonDS: Moonlight's Muon, NS once per matrix by its owner; NS and wire in "
-            f"{ns_dtype} (ns_dtype 'auto')."
-        ),
-    }[contender]
+    muon = set(expected) if spec.optimizer != "adamw" else set()
+    held = _held_elements(engine, spec.stage)
+    ns_dtype = _ns_dtype(spec, engine)
+    ns_per_step = measured.ns_per_step
     return {
-        "contender": contender,
-        "framework": "deepspeed",
+        "contender": spec.name,
+        "framework": spec.framework,
+        "zero_stage": spec.stage,
         "model": shape.name,
         "layout": f"DP={world}",
         "world": world,
         "rank": rank,
         "device": str(engine.device),
         "ns_dtype": ns_dtype,
-        "collectives_per_step": _per_step(snapshots),
-        "counts_constant": all(s == snapshots[0] for s in snapshots) and len(set(ns_per_step)) == 1,
-        "ns_calls_per_step": _exact_mean([c for c, _, _ in ns_per_step]),
-        "ns_flops_per_step": _exact_mean([f for _, f, _ in ns_per_step]),
-        "own_exchange_bytes_per_step": _exact_mean([x for _, _, x in ns_per_step]),
+        "collectives_per_step": per_step(measured.snapshots),
+        "counts_constant": counts_constant(measured.snapshots, ns_per_step),
+        "ns_calls_per_step": exact_mean([c for c, _, _ in ns_per_step]),
+        "ns_flops_per_step": exact_mean([f for _, f, _ in ns_per_step]),
+        "own_exchange_bytes_per_step": exact_mean([x for _, _, x in ns_per_step]),
+        "plan_exchange_bytes_per_step": _planned_exchange_bytes(spec, engine),
         "logical_matrices": len(expected),
-        "optimizer_step_seconds": statistics.median(step_times),
-        "iteration_seconds": statistics.median(iteration_times),
-        "optimizer_step_seconds_each": step_times,
-        "iteration_seconds_each": iteration_times,
+        "optimizer_step_seconds": statistics.median(measured.step_times),
+        "iteration_seconds": statistics.median(measured.iteration_times),
+        "optimizer_step_seconds_each": measured.step_times,
+        "iteration_seconds_each": measured.iteration_times,
         "state_bytes": state_bytes(engine.basic_optimizer),
+        "ideal_state_bytes": ideal_state_bytes((n, name in muon) for name, n in held.items()),
         "momentum_staging_bytes": staging,
-        "param_count": sum(p.numel() for p in engine.module.parameters()),
-        "final_loss": final_loss.item() / world,
-        "notes": notes + " Optimizer time = engine.step() + ZeRO get_flat_partition in backward; "
-        "iteration = forward + backward + step.",
+        # ZeRO-3 empties each parameter's data and keeps its size as ds_numel.
+        "param_count": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
+        "notes": _notes(spec, ns_dtype),
     }
 
 
-def _exact_mean(values: list[int]) -> int | float:
-    total = sum(values)
-    return total // len(values) if total % len(values) == 0 else total / len(values)
-
-
-def _per_step(snapshots: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int | float]]:
-    """Each op's calls and bytes summed over the measured steps, divided by their number."""
-    ops = sorted({op for snapshot in snapshots for op in snapshot})
-    return {
-        op: {
-            key: _exact_mean([s.get(op, {}).get(key, 0) for s in snapshots])
-            for key in ("calls", "payload", "wire")
-        }
-        for op in ops
-    }
-
-
-def _contender(name: str) -> Callable[[int, int, ModelShape, RunOptions], dict]:
+def _contender(spec: Contender) -> Callable[[int, int, ModelShape, RunOptions], dict]:
     def run(rank: int, world: int, shape: ModelShape, options: RunOptions) -> dict:
-        return _run(name, rank, world, shape, options)
+        return _run(spec, rank, world, shape, options)
 
-    run.__name__ = name
+    run.__name__ = spec.name
     return run
 
 
 CONTENDERS: dict[str, Callable[[int, int, ModelShape, RunOptions], dict]] = {
-    name: _contender(name) for name in ("zero1_adamw", "deepspeed_muon", "muon_ds_deepspeed")
+    name: _contender(spec) for name, spec in SPECS.items()
 }
 
 
 def LAYOUTS(model: str, world: int) -> list[str]:  # noqa: N802  (the interface's name)
-    """Plain ZeRO-1 data parallelism over every rank, for either model."""
+    """Plain ZeRO data parallelism over every rank, for either model."""
     return [f"DP={world}"]

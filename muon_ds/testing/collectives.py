@@ -1,6 +1,6 @@
 """Count every torch.distributed collective a process issues, whoever issues it.
 
-DeepSpeed (its torch backend), Megatron and muon_ds all reach the network through
+DeepSpeed (its torch backend), Megatron, FSDP2 and muon_ds all reach the network through
 ``torch.distributed.<op>``, so wrapping those attributes sees each one's traffic with one
 counter, the same way for every contender. ``install()`` must run before any framework
 initialises its communication (DeepSpeed's backend caches some functions at init).
@@ -75,8 +75,10 @@ SIZERS: dict[str, Callable[[Arguments], tuple[int, int]]] = {
     "reduce": _sent,
     "broadcast": _sent,
     "all_gather_into_tensor": lambda a: _ring(a, _nbytes(a["output_tensor"])),
+    "all_gather_single": lambda a: _ring(a, _nbytes(a["output_tensor"])),
     "all_gather": lambda a: _ring(a, sum(_nbytes(t) for t in a["tensor_list"])),
     "reduce_scatter_tensor": lambda a: _ring(a, _nbytes(a["input"])),
+    "reduce_scatter_single": lambda a: _ring(a, _nbytes(a["input"])),
     "reduce_scatter": lambda a: _ring(a, sum(_nbytes(t) for t in a["input_list"])),
     "all_to_all_single": _all_to_all_single,
     "all_to_all": _all_to_all,
@@ -88,7 +90,10 @@ SIZERS: dict[str, Callable[[Arguments], tuple[int, int]]] = {
     "broadcast_object_list": _nothing,
     "barrier": _nothing,
 }
-"""Op -> ``(payload, wire)`` bytes of one call, from its bound arguments."""
+"""Op -> ``(payload, wire)`` bytes of one call, from its bound arguments. The ``_single``
+ops are newer torch's names of the ``_tensor`` ones (which now call them through
+``distributed_c10d``'s globals, so nothing is counted twice); FSDP2 calls them. An op this
+torch does not have is left alone."""
 
 
 @dataclass
