@@ -257,3 +257,24 @@ def _refusal(rank: int, world: int, case: str) -> str:
 def test_what_is_not_covered_is_refused_naming_what_is(case: str, expected: str) -> None:
     for message in run_ranks(2, _refusal, case):
         assert expected in message, message
+
+
+def test_the_strided_shard_read_is_version_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP x TP reads torch's private _StridedShard through a guarded patch: a plain
+    Shard is not one; outside the torch range it was read in, it refuses by name."""
+    import importlib.metadata
+
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from muon_ds.patches import PatchError
+    from muon_ds.patches.torch_dtensor import strided_shard
+
+    assert strided_shard(Shard(0)) is None
+    assert strided_shard(_StridedShard(0, split_factor=2)) == (0, 2)
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "2.15.0" if name == "torch" else real(name)
+    )
+    with pytest.raises(PatchError, match=r"torch_dtensor\.strided_shard was written for torch"):
+        strided_shard(_StridedShard(0, split_factor=2))
