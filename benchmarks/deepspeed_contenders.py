@@ -43,7 +43,6 @@ gathered once a step; a model past those limits is gathered again in backward.
 from __future__ import annotations
 
 import os
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,10 +52,8 @@ import torch.distributed as dist
 
 from benchmarks import torch_models
 from benchmarks.records import (
-    counts_constant,
-    exact_mean,
+    Measured,
     ideal_state_bytes,
-    per_step,
     state_bytes,
     synchronized_now,
 )
@@ -256,17 +253,6 @@ def _engine(spec: Contender, shape: ModelShape, options: RunOptions) -> tuple[An
     return engine, expected
 
 
-@dataclass
-class _Measured:
-    """What the measured steps cost this rank."""
-
-    snapshots: list[dict[str, dict[str, int]]]
-    ns_per_step: list[tuple[int, int, int]]
-    step_times: list[float]
-    iteration_times: list[float]
-    loss: torch.Tensor
-
-
 def _train(
     spec: Contender,
     engine: Any,
@@ -274,13 +260,13 @@ def _train(
     options: RunOptions,
     rank: int,
     ns_count: _NewtonSchulzCount,
-) -> _Measured:
+) -> Measured:
     """``warmup + steps`` iterations; counts and times of the measured ones."""
     counter = collectives.install()
     flatten_seconds = [0.0]
     if spec.stage == 1:
         time_calls(engine.optimizer, "get_flat_partition", flatten_seconds)
-    measured = _Measured([], [], [], [], torch.zeros(()))
+    measured = Measured([], [], [], [], torch.zeros(()))
     for step in range(options.warmup + options.steps):
         batch = tokens(shape, options, step, rank).to(engine.device)
         counter.reset()
@@ -354,7 +340,7 @@ def _record(
     shape: ModelShape,
     engine: Any,
     expected: list[str],
-    measured: _Measured,
+    measured: Measured,
 ) -> dict[str, Any]:
     staging = sum(
         staged.numel() * staged.element_size()
@@ -363,7 +349,6 @@ def _record(
     muon = set(expected) if spec.optimizer != "adamw" else set()
     held = _held_elements(engine, spec.stage)
     ns_dtype = _ns_dtype(spec, engine)
-    ns_per_step = measured.ns_per_step
     return {
         "contender": spec.name,
         "framework": spec.framework,
@@ -374,17 +359,9 @@ def _record(
         "rank": rank,
         "device": str(engine.device),
         "ns_dtype": ns_dtype,
-        "collectives_per_step": per_step(measured.snapshots),
-        "counts_constant": counts_constant(measured.snapshots, ns_per_step),
-        "ns_calls_per_step": exact_mean([c for c, _, _ in ns_per_step]),
-        "ns_flops_per_step": exact_mean([f for _, f, _ in ns_per_step]),
-        "own_exchange_bytes_per_step": exact_mean([x for _, _, x in ns_per_step]),
+        **measured.counted_fields(),
         "plan_exchange_bytes_per_step": _planned_exchange_bytes(spec, engine),
         "logical_matrices": len(expected),
-        "optimizer_step_seconds": statistics.median(measured.step_times),
-        "iteration_seconds": statistics.median(measured.iteration_times),
-        "optimizer_step_seconds_each": measured.step_times,
-        "iteration_seconds_each": measured.iteration_times,
         "state_bytes": state_bytes(engine.basic_optimizer),
         "ideal_state_bytes": ideal_state_bytes((n, name in muon) for name, n in held.items()),
         "momentum_staging_bytes": staging,

@@ -23,9 +23,7 @@ all-gathers the updated shards); iteration: forward + backward + step.
 from __future__ import annotations
 
 import os
-import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,11 +31,9 @@ import torch.distributed as dist
 
 from benchmarks import torch_models
 from benchmarks.records import (
-    counts_constant,
-    exact_mean,
+    Measured,
     ideal_state_bytes,
     local_tensor,
-    per_step,
     state_bytes,
     synchronized_now,
 )
@@ -112,28 +108,17 @@ def _ns_totals(optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
     return core.counter.ns_matrices, core.counter.ns_flops, core.counter.exchange_bytes()
 
 
-@dataclass
-class _Measured:
-    """What the measured steps cost this rank."""
-
-    snapshots: list[dict[str, dict[str, int]]]
-    ns_per_step: list[tuple[int, int, int]]
-    step_times: list[float]
-    iteration_times: list[float]
-    loss: torch.Tensor
-
-
 def _train(
     model: Any,
     optimizer: torch.optim.Optimizer,
     shape: ModelShape,
     options: RunOptions,
     device: torch.device,
-) -> _Measured:
+) -> Measured:
     """``warmup + steps`` iterations; counts and times of the measured ones."""
     counter = collectives.install()
     rank = dist.get_rank()
-    measured = _Measured([], [], [], [], torch.zeros(()))
+    measured = Measured([], [], [], [], torch.zeros(()))
     for step in range(options.warmup + options.steps):
         batch = tokens(shape, options, step, rank).to(device)
         counter.reset()
@@ -196,11 +181,10 @@ def _record(
     model: Any,
     optimizer: torch.optim.Optimizer,
     expected: list[str],
-    measured: _Measured,
+    measured: Measured,
 ) -> dict[str, Any]:
     muon = set(expected) if OPTIMIZERS[contender] == "muon_ds" else set()
     held = [(local_tensor(p).numel(), n in muon) for n, p in model.named_parameters()]
-    ns_per_step = measured.ns_per_step
     fields = _muon_ds_fields(optimizer)
     notes = {
         "adamw": "torch AdamW (fused) on each rank's FSDP2 Shard(0) rows.",
@@ -217,16 +201,8 @@ def _record(
         "world": world,
         "rank": rank,
         **fields,
-        "collectives_per_step": per_step(measured.snapshots),
-        "counts_constant": counts_constant(measured.snapshots, ns_per_step),
-        "ns_calls_per_step": exact_mean([c for c, _, _ in ns_per_step]),
-        "ns_flops_per_step": exact_mean([f for _, f, _ in ns_per_step]),
-        "own_exchange_bytes_per_step": exact_mean([x for _, _, x in ns_per_step]),
+        **measured.counted_fields(),
         "logical_matrices": len(expected),
-        "optimizer_step_seconds": statistics.median(measured.step_times),
-        "iteration_seconds": statistics.median(measured.iteration_times),
-        "optimizer_step_seconds_each": measured.step_times,
-        "iteration_seconds_each": measured.iteration_times,
         "state_bytes": state_bytes(optimizer),
         "ideal_state_bytes": ideal_state_bytes(held),
         "param_count": sum(p.numel() for p in model.parameters()),  # DTensors: global sizes

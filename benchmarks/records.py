@@ -7,8 +7,10 @@ their rows in one table can be compared.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,3 +74,31 @@ def per_step(snapshots: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, 
 def counts_constant(snapshots: list[Any], ns_per_step: list[Any]) -> bool:
     """Whether every measured step moved the same bytes and ran the same Newton-Schulz."""
     return all(s == snapshots[0] for s in snapshots) and len(set(ns_per_step)) == 1
+
+
+@dataclass
+class Measured:
+    """What the measured steps cost this rank: each step's collective counts and
+    (Newton-Schulz calls, FLOPs, own exchange bytes), and the step and iteration times."""
+
+    snapshots: list[dict[str, dict[str, int]]]
+    ns_per_step: list[tuple[int, int, int]]
+    step_times: list[float]
+    iteration_times: list[float]
+    loss: torch.Tensor
+
+    def counted_fields(self) -> dict[str, Any]:
+        """The record fields every contender reports the same way: counts per step (exact
+        means) and the medians of its times."""
+        ns = self.ns_per_step
+        return {
+            "collectives_per_step": per_step(self.snapshots),
+            "counts_constant": counts_constant(self.snapshots, ns),
+            "ns_calls_per_step": exact_mean([c for c, _, _ in ns]),
+            "ns_flops_per_step": exact_mean([f for _, f, _ in ns]),
+            "own_exchange_bytes_per_step": exact_mean([x for _, _, x in ns]),
+            "optimizer_step_seconds": statistics.median(self.step_times),
+            "iteration_seconds": statistics.median(self.iteration_times),
+            "optimizer_step_seconds_each": self.step_times,
+            "iteration_seconds_each": self.iteration_times,
+        }

@@ -45,16 +45,16 @@ CONTENDERS = {"fails_on_rank_1": _fails_on_rank_1}
 LAYOUTS = {("dense", 2): ["DP=2"]}
 
 
-@pytest.fixture(scope="module")
-def benchmark(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    out = tmp_path_factory.mktemp("comm_overhead")
+def run_uncompiled(contenders: tuple[str, ...], out: Path, warmup: int) -> dict[str, Any]:
+    """The benchmark on its smallest setting (dense, 2 ranks, 2 measured steps) with
+    ``TORCHDYNAMO_DISABLE=1`` (see the module docstring); its records by contender."""
     saved = os.environ.get("TORCHDYNAMO_DISABLE")
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
     try:
         records = comm_overhead.main(
             [
-                *("--models", "dense", "--worlds", "2", "--steps", "2", "--warmup", "1"),
-                *("--contenders", *DEEPSPEED_CONTENDERS, "--out", str(out)),
+                *("--models", "dense", "--worlds", "2", "--steps", "2"),
+                *("--warmup", str(warmup), "--contenders", *contenders, "--out", str(out)),
             ]
         )
     finally:
@@ -62,7 +62,13 @@ def benchmark(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
             os.environ.pop("TORCHDYNAMO_DISABLE")
         else:
             os.environ["TORCHDYNAMO_DISABLE"] = saved
-    return {r["contender"]: r for r in records}, out
+    return {r["contender"]: r for r in records}
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("comm_overhead")
+    return run_uncompiled(DEEPSPEED_CONTENDERS, out, warmup=1), out
 
 
 def test_every_deepspeed_contender_runs_with_the_same_counts_every_step(benchmark) -> None:

@@ -20,15 +20,15 @@ depend on it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks import comm_overhead, torch_models
+from benchmarks import torch_models
 from benchmarks.shapes import DENSE
 from muon_ds.math import newton_schulz_flops
+from tests.integration.test_comm_overhead import run_uncompiled
 
 pytestmark = pytest.mark.dist
 
@@ -47,21 +47,7 @@ finite-gradient vote (under ZeRO DeepSpeed's own overflow check stands in for it
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("comm_overhead_zero3")
-    saved = os.environ.get("TORCHDYNAMO_DISABLE")
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    try:
-        records = comm_overhead.main(
-            [
-                *("--models", "dense", "--worlds", str(WORLD), "--steps", "2", "--warmup", "2"),
-                *("--contenders", *ZERO3, *FSDP2, "--out", str(out)),
-            ]
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("TORCHDYNAMO_DISABLE")
-        else:
-            os.environ["TORCHDYNAMO_DISABLE"] = saved
-    return {r["contender"]: r for r in records}, out
+    return run_uncompiled((*ZERO3, *FSDP2), out, warmup=2), out
 
 
 def _model_params() -> dict[str, tuple[tuple[int, ...], bool]]:

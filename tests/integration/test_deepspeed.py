@@ -471,7 +471,7 @@ def _replay_errors(
 
 def _precision_cases(rank: int, world: int) -> dict[str, Any]:
     """bf16 runs checked against Muon replayed on DeepSpeed's own gradients and masters."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_fp32_param
 
     use_gloo_only(rank, world)
     results: dict[str, Any] = {}
@@ -495,21 +495,7 @@ def _precision_cases(rank: int, world: int) -> dict[str, Any]:
 
     # Overflow: a non-finite loss on one step is skipped by DeepSpeed before our step runs.
     engine = _engine(ds_config({"type": "MuonDS", "params": MUON_PARAMS}, bf16={"enabled": True}))
-    _train(engine, rank, 1, range(1))
-    params = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
-    momentum = safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
-    engine.backward(engine(batch(1, rank, 0)) * float("inf"))
-    engine.step()
-    results["overflow"] = {
-        "skipped": engine.skipped_steps,
-        "params_unchanged": all(
-            torch.equal(params[n], safe_get_full_fp32_param(p))
-            for n, p in engine.module.named_parameters()
-        ),
-        "momentum_unchanged": torch.equal(
-            momentum, safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
-        ),
-    }
+    results["overflow"] = overflow_outcome(engine, rank)
 
     # One scheduled lr drives the Muon and the AdamW groups alike.
     scheduler = {
@@ -546,6 +532,28 @@ def _precision_cases(rank: int, world: int) -> dict[str, Any]:
     }
     results["fp16"] = _fp16_dynamic_loss_scale(rank)
     return results
+
+
+def overflow_outcome(engine: Any, rank: int) -> dict[str, Any]:
+    """One good step, then one with a non-finite loss: how many steps were skipped, and
+    whether the fp32 params and a Muon matrix's momentum are unchanged by it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _train(engine, rank, 1, range(1))
+    params = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
+    momentum = safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
+    engine.backward(engine(batch(1, rank, 0)) * float("inf"))
+    engine.step()
+    return {
+        "skipped": engine.skipped_steps,
+        "params_unchanged": all(
+            torch.equal(params[n], safe_get_full_fp32_param(p))
+            for n, p in engine.module.named_parameters()
+        ),
+        "momentum_unchanged": torch.equal(
+            momentum, safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
+        ),
+    }
 
 
 FP16_STEPS = 6

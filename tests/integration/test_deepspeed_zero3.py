@@ -38,6 +38,7 @@ from tests.integration.test_deepspeed import (
     _reference,
     _replay_errors,
     _train,
+    overflow_outcome,
 )
 
 TINY_SUB_GROUP = 300
@@ -213,20 +214,27 @@ def _full_state(engine: Any) -> dict[str, torch.Tensor]:
     return full
 
 
-def _resume3(rank: int, world: int, directory: str) -> dict[str, float]:
-    """Two steps, checkpoint, two more; a fresh engine loads the checkpoint and takes the
-    same two steps. Returns the largest difference of each tensor."""
-    use_gloo_only(rank, world)
-    config = ds_config(
-        {"type": "MuonDS", "params": EXEMPT},
-        zero_optimization={"stage": 3, "sub_group_size": TINY_SUB_GROUP},
-    )
-    engine = _engine3(config, zero_init=False)
+CHECKPOINTED = ds_config(
+    {"type": "MuonDS", "params": EXEMPT},
+    zero_optimization={"stage": 3, "sub_group_size": TINY_SUB_GROUP},
+)
+
+
+def _checkpoint_and_go_on(rank: int, directory: str) -> dict[str, torch.Tensor]:
+    """Two steps, checkpoint "step2", two more: the uninterrupted run's final state."""
+    engine = _engine3(CHECKPOINTED, zero_init=False)
     _train(engine, rank, 1, range(2))
     engine.save_checkpoint(directory, tag="step2")
     _train(engine, rank, 1, range(2, 4))
-    uninterrupted = _full_state(engine)
-    resumed = _engine3(config, zero_init=False)
+    return _full_state(engine)
+
+
+def _resume3(rank: int, world: int, directory: str) -> dict[str, float]:
+    """A fresh engine loads the checkpoint and takes the same two steps. Returns the
+    largest difference of each tensor from the uninterrupted run."""
+    use_gloo_only(rank, world)
+    uninterrupted = _checkpoint_and_go_on(rank, directory)
+    resumed = _engine3(CHECKPOINTED, zero_init=False)
     resumed.load_checkpoint(directory, tag="step2")
     _train(resumed, rank, 1, range(2, 4))
     return {
@@ -242,17 +250,9 @@ def test_zero3_checkpoint_resume_continues_bit_identically() -> None:
 
 
 def _universal_save(rank: int, world: int, directory: str) -> None:
-    """DP=4: two steps, checkpoint, two more; rank 0 keeps the final state."""
+    """DP=4 saves the checkpoint; rank 0 keeps the uninterrupted run's final state."""
     use_gloo_only(rank, world)
-    config = ds_config(
-        {"type": "MuonDS", "params": EXEMPT},
-        zero_optimization={"stage": 3, "sub_group_size": TINY_SUB_GROUP},
-    )
-    engine = _engine3(config, zero_init=False)
-    _train(engine, rank, 1, range(2))
-    engine.save_checkpoint(directory, tag="step2")
-    _train(engine, rank, 1, range(2, 4))
-    final = _full_state(engine)
+    final = _checkpoint_and_go_on(rank, directory)
     if rank == 0:
         torch.save(final, f"{directory}/dp4.pt")
 
@@ -352,7 +352,7 @@ def _precision3(rank: int, world: int) -> dict[str, Any]:
     """bf16 and fp16 under stage 3, checked against Muon replayed on ZeRO-3's own gradients
     and masters; a non-finite bf16 step skipped with momentum untouched."""
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_fp32_param
 
     use_gloo_only(rank, world)
     type(get_accelerator()).is_fp16_supported = lambda self: True  # as in test_deepspeed
@@ -373,21 +373,7 @@ def _precision3(rank: int, world: int) -> dict[str, Any]:
         }
 
     engine = _engine3(_stage3(TINY_SUB_GROUP, bf16={"enabled": True}), zero_init=False)
-    _train(engine, rank, 1, range(1))
-    params = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
-    momentum = safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
-    engine.backward(engine(batch(1, rank, 0)) * float("inf"))
-    engine.step()
-    results["overflow"] = {
-        "skipped": engine.skipped_steps,
-        "params_unchanged": all(
-            torch.equal(params[n], safe_get_full_fp32_param(p))
-            for n, p in engine.module.named_parameters()
-        ),
-        "momentum_unchanged": torch.equal(
-            momentum, safe_get_full_optimizer_state(engine.module.up.weight, "exp_avg")
-        ),
-    }
+    results["overflow"] = overflow_outcome(engine, rank)
     return results
 
 
