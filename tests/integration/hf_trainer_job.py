@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,15 @@ def tiny_llama() -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def _trainer(out: Path, deepspeed: dict[str, Any], **kwargs: Any) -> Any:
-    """A Trainer on a fresh tiny Llama; accelerate's process-wide state is reset first,
-    as each Trainer of this process brings its own DeepSpeed config."""
+def make_trainer(
+    out: Path,
+    deepspeed: dict[str, Any],
+    build: Callable[[], torch.nn.Module] = tiny_llama,
+    **kwargs: Any,
+) -> Any:
+    """A Trainer on a fresh model from ``build`` (after the arguments, as HF requires for
+    ZeRO-3's ``zero.Init`` in ``from_pretrained``); accelerate's process-wide state is reset
+    first, as each Trainer of this process brings its own DeepSpeed config."""
     from accelerate.state import AcceleratorState
     from transformers import Trainer, TrainingArguments
 
@@ -88,19 +95,24 @@ def _trainer(out: Path, deepspeed: dict[str, Any], **kwargs: Any) -> Any:
         dataloader_num_workers=0,
         use_cpu=True,
     )
-    model = kwargs.pop("model", None) or tiny_llama()
+    model = kwargs.pop("model", None) or build()
     return Trainer(model=model, args=args, train_dataset=Tokens(), **kwargs)
 
 
-def _params(trainer: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+def params_of(trainer: Any) -> dict[str, torch.Tensor]:
+    """Every parameter, whole: gathered from ZeRO-3's partitions (a no-op below stage 3)."""
+    import deepspeed
+
+    named = list(trainer.model.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        return {n: p.detach().clone() for n, p in named}
 
 
-def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-def _routes(trainer: Any) -> list[list[Any]]:
+def routes_of(trainer: Any) -> list[list[Any]]:
     import muon_ds
 
     report = muon_ds.routing_report(trainer.optimizer)
@@ -115,7 +127,7 @@ def run(out: Path) -> dict[str, Any]:
     template = json.loads(CONFIG.read_text())
     result: dict[str, Any] = {}
 
-    straight = _trainer(out / "json", copy.deepcopy(template))
+    straight = make_trainer(out / "json", copy.deepcopy(template))
     straight.train()
     optimizer = straight.model_wrapped.basic_optimizer
     result["json"] = {
@@ -123,21 +135,21 @@ def run(out: Path) -> dict[str, Any]:
         "eps": optimizer.config.adamw_eps,
         "lr": optimizer.config.lr,
         "weight_decay": optimizer.config.weight_decay,
-        "routes": _routes(straight),
+        "routes": routes_of(straight),
         "losses": [e["loss"] for e in straight.state.log_history if "loss" in e],
     }
-    final = _params(straight)
+    final = params_of(straight)
     initial = dict(tiny_llama().named_parameters())
-    result["json"]["moved"] = _max_difference(final, {n: p.detach() for n, p in initial.items()})
+    result["json"]["moved"] = max_difference(final, {n: p.detach() for n, p in initial.items()})
 
-    resumed = _trainer(out / "json", copy.deepcopy(template))
+    resumed = make_trainer(out / "json", copy.deepcopy(template))
     resumed.train(resume_from_checkpoint=str(out / "json" / "checkpoint-2"))
-    result["resume"] = {"max_difference": _max_difference(final, _params(resumed))}
+    result["resume"] = {"max_difference": max_difference(final, params_of(resumed))}
 
     no_optimizer = {k: v for k, v in template.items() if k != "optimizer"}
     kwargs = {"lr": LR, "weight_decay": WEIGHT_DECAY, "betas": [0.9, ADAM_BETA2], "eps": 1e-8}
     model = tiny_llama()
-    client = _trainer(
+    client = make_trainer(
         out / "client",
         copy.deepcopy(no_optimizer),
         model=model,
@@ -148,11 +160,11 @@ def run(out: Path) -> dict[str, Any]:
     )
     client.train()
     result["client"] = {
-        "routes": _routes(client),
-        "max_difference_to_json": _max_difference(final, _params(client)),
+        "routes": routes_of(client),
+        "max_difference_to_json": max_difference(final, params_of(client)),
     }
 
-    refused = _trainer(
+    refused = make_trainer(
         out / "refused",
         copy.deepcopy(no_optimizer),
         optimizer_cls_and_kwargs=(muon_ds.deepspeed.OrthogonalizedZeroOptimizer, dict(kwargs)),

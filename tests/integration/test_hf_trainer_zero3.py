@@ -1,0 +1,94 @@
+"""Hugging Face ``Trainer`` + DeepSpeed ZeRO-3 + MuonDS on 2 CPU ranks through torchrun.
+
+One launch of ``tests.integration.hf_trainer_zero3_job``: the model comes from
+``from_pretrained`` inside HF's ``zero.Init`` (the way fine-tuning tools load one, and
+where users report Muon failing or silently doing nothing), trained with
+``launch/configs/hf_trainer_zero3.json`` (the README's config), against the same run on
+ZeRO-1, and resumed from a checkpoint. Tolerance against ZeRO-1: as in
+``test_deepspeed_zero3``: fp32 Newton-Schulz, only the reduction order differs (2e-5 on
+updates of ~1e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RANKS = 2
+TOL = 2e-5
+PARAMS = 21  # embeddings, head, final norm; per layer 7 projections and 2 norms
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
+    """Every rank's results and the launch's combined output."""
+    out = tmp_path_factory.mktemp("hf_trainer_zero3")
+    job = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={RANKS}",
+            "-m",
+            "tests.integration.hf_trainer_zero3_job",
+            str(out),
+        ],
+        cwd=REPO,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    return results, job.stdout
+
+
+def test_from_pretrained_builds_the_model_partitioned_under_zero_init(runs) -> None:
+    """Every param had an empty local shape when MuonDS saw it: routing had only
+    ``ds_shape`` to go on."""
+    results, _ = runs
+    for result in results:
+        assert result["zero3"]["stage"] == 3
+        assert result["zero3"]["built"] == {
+            "params": PARAMS,
+            "partitioned": PARAMS,
+            "empty_shape": PARAMS,
+        }
+
+
+def test_zero3_routes_every_param_as_zero1_does(runs) -> None:
+    """Embeddings, head and norms on AdamW, the 14 projections on Muon, with the same weight
+    decay, though ``param.shape`` was empty under ``zero.Init``."""
+    results, output = runs
+    for result in results:
+        assert result["zero3"]["routes"] == result["zero1"]["routes"]
+        routes = {name: route for name, route, _ in result["zero3"]["routes"]}
+        assert sorted(n for n, r in routes.items() if r == "muon") == sorted(
+            n for n in routes if n.endswith("_proj.weight")
+        )
+        assert len(routes) == PARAMS
+    # The three runs (ZeRO-1, ZeRO-3, resumed) each print the same report once.
+    assert output.count("muon_ds routing: Muon 14 tensors (18,432 elements), AdamW 7") == 3
+
+
+def test_zero3_trains_like_zero1(runs) -> None:
+    results, _ = runs
+    for result in results:
+        assert result["zero3"]["moved"] > 1e-3  # training changed the parameters
+        assert result["zero3"]["max_difference_to_zero1"] <= TOL
+
+
+def test_zero3_resume_from_checkpoint_equals_the_uninterrupted_run(runs) -> None:
+    results, _ = runs
+    for result in results:
+        assert result["resume"]["max_difference"] == 0.0
