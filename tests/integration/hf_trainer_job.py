@@ -177,8 +177,12 @@ def run(out: Path) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def main(job: Callable[[Path], dict[str, Any]]) -> None:
+    """Run ``job`` on the folder named on the command line; write ``rank<r>.json`` there."""
     directory = Path(sys.argv[1])
-    outcome = run(directory)
-    rank = int(os.environ["RANK"])
-    (directory / f"rank{rank}.json").write_text(json.dumps(outcome))
+    outcome = job(directory)
+    (directory / f"rank{os.environ['RANK']}.json").write_text(json.dumps(outcome))
+
+
+if __name__ == "__main__":
+    main(run)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 
 from tests.integration.hf_trainer_job import (
     CONFIG,
+    main,
     make_trainer,
     max_difference,
     params_of,
@@ -98,7 +98,4 @@ def run(out: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    directory = Path(sys.argv[1])
-    outcome = run(directory)
-    rank = int(os.environ["RANK"])
-    (directory / f"rank{rank}.json").write_text(json.dumps(outcome))
+    main(run)

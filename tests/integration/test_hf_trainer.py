@@ -21,11 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 RANKS = 2
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
-    """Every rank's results and the launch's combined output."""
-    out = tmp_path_factory.mktemp("hf_trainer")
-    job = subprocess.run(
+def launch(job: str, out: Path) -> tuple[list[dict[str, Any]], str]:
+    """``torchrun`` the job module ``job`` on ``RANKS`` CPU ranks writing into ``out``:
+    every rank's results and the launch's combined output."""
+    completed = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -33,7 +32,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]]
             "--standalone",
             f"--nproc_per_node={RANKS}",
             "-m",
-            "tests.integration.hf_trainer_job",
+            job,
             str(out),
         ],
         cwd=REPO,
@@ -43,9 +42,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]]
         timeout=900,
         check=False,
     )
-    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
-    return results, job.stdout
+    return results, completed.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
+    return launch("tests.integration.hf_trainer_job", tmp_path_factory.mktemp("hf_trainer"))
 
 
 def test_hf_auto_template_fills_lr_betas_eps_and_weight_decay(runs) -> None:

@@ -11,17 +11,12 @@ updates of ~1e-2).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-RANKS = 2
+from tests.integration.test_hf_trainer import launch
+
 TOL = 2e-5
 PARAMS = 21  # embeddings, head, final norm; per layer 7 projections and 2 norms
 
@@ -29,28 +24,7 @@ PARAMS = 21  # embeddings, head, final norm; per layer 7 projections and 2 norms
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
     """Every rank's results and the launch's combined output."""
-    out = tmp_path_factory.mktemp("hf_trainer_zero3")
-    job = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={RANKS}",
-            "-m",
-            "tests.integration.hf_trainer_zero3_job",
-            str(out),
-        ],
-        cwd=REPO,
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
-    return results, job.stdout
+    return launch("tests.integration.hf_trainer_zero3_job", tmp_path_factory.mktemp("zero3"))
 
 
 def test_from_pretrained_builds_the_model_partitioned_under_zero_init(runs) -> None:
