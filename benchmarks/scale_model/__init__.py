@@ -61,8 +61,11 @@ elementwise]``: exchange = max(sent, received) intra-node bytes / NVLink + the s
 inter-node / IB, NS = the rank's Newton-Schulz FLOPs / (ns_efficiency * peak),
 elementwise = shard elements x bytes touched per element / HBM bandwidth. Nothing is
 assumed to overlap (muon_ds does overlap buckets with NS: the model is conservative for
-it). The share is optimizer / (compute + optimizer). Megatron's padding is reported but
-not charged (it inflates the framework's gradient and parameter collectives and memory).
+it). The share is optimizer / (compute + optimizer). Its *floor* (``--compare``) is what no
+placement of the same shards can beat: the logical Newton-Schulz FLOPs spread evenly over
+every rank plus the mean elementwise update, exchange and team traffic free. Megatron's
+padding is reported but not charged (it inflates the framework's gradient and parameter
+collectives and memory).
 
     .venv/bin/python -m benchmarks.scale_model [--sharding zero1|zero3|fsdp2]
         [--out out/scale_model] [--help for rates]

@@ -99,9 +99,9 @@ VARIANTS = (("standard", 1), ("auto", 1), ("standard", 8), ("auto", 8))
 def compare(layouts: Sequence[tuple[str, Layout]], rates: Rates) -> tuple[str, list[dict]]:
     """muon_ds's time parts on every layout under each of ``VARIANTS`` (slowest rank)."""
     lines = [
-        "| model | GPUs | layout | ns_algorithm | teams of at most | share | exchange ms | "
-        "team ms | NS ms | elementwise ms | NS max/mean |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | GPUs | layout | ns_algorithm | teams of at most | share | floor | "
+        "exchange ms | team ms | NS ms | elementwise ms | NS max/mean |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     found = []
     for key, layout in layouts:
@@ -120,7 +120,8 @@ def compare(layouts: Sequence[tuple[str, Layout]], rates: Rates) -> tuple[str, l
             )
             lines.append(
                 f"| {key} | {layout.gpus} | {layout.label()} | {algorithm} | {teams} | "
-                f"{_pct(r['share'])} | {r['exchange_ms']:.2f} | {r['team_ms']:.2f} | "
+                f"{_pct(r['share'])} | {_pct(r['floor_share'])} | "
+                f"{r['exchange_ms']:.2f} | {r['team_ms']:.2f} | "
                 f"{r['ns_ms']:.2f} | {r['elementwise_ms']:.2f} | {r['ns_imbalance']:.2f} |"
             )
     return "\n".join(lines), found

@@ -142,6 +142,13 @@ class SchemeResult:
     """max / mean NS FLOPs over ranks."""
     mean_ns_ms: float
     """NS time at the mean load: what perfect balance would give."""
+    floor_ms: float
+    """What no placement of the same shards can beat: each logical matrix's Newton-Schulz
+    FLOPs once (at its ``ns_algorithm`` count; teams split FLOPs, never shed them) spread
+    evenly over every rank, plus the mean elementwise update, with exchange and team
+    traffic free. The slowest rank takes at least the mean rank's time, and that is at
+    least this."""
+    floor_share: float
     padding: float | None = None
     """Megatron: padding elements / parameter elements of its Muon buffers."""
 
@@ -165,6 +172,7 @@ def evaluate(
         parts.append((total, exchange, team, r, elementwise))
     total, exchange, team, slowest, elementwise = max(parts)
     mean_flops = sum(cost.ns_flops) / world
+    floor = logical_flops / world / ns_rate + sum(p[4] for p in parts) / world
     return SchemeResult(
         optimizer_ms=1e3 * total,
         share=total / (compute_s + total),
@@ -180,6 +188,8 @@ def evaluate(
         ns_call_redundancy=sum(cost.ns_calls) / logical_calls,
         ns_imbalance=max(cost.ns_flops) / mean_flops if mean_flops else 1.0,
         mean_ns_ms=1e3 * mean_flops / ns_rate,
+        floor_ms=1e3 * floor,
+        floor_share=floor / (compute_s + floor),
     )
 
 

@@ -135,6 +135,25 @@ def test_muon_ds_runs_newton_schulz_once_per_matrix(model, layout):
     assert muon_ds["ns_redundancy"] == pytest.approx((total + extra) / total, rel=1e-12)
 
 
+@pytest.mark.parametrize("config", [CONFIG, TEAMS], ids=["owners", "teams"])
+@pytest.mark.parametrize(("model", "layout"), LAYOUTS, ids=IDS)
+def test_no_scheme_beats_the_floor_of_each_matrix_once_spread_evenly(model, layout, config):
+    """The floor is each logical matrix's FLOPs once over every rank (plus the mean
+    elementwise update, nearly free at this memory speed), and every scheme's slowest
+    rank takes at least that, at these rates and at the stated ones."""
+    fast_memory = sm.Rates(hbm_tbps=1e12)
+    ns_rate = fast_memory.ns_efficiency * fast_memory.peak_tflops * 1e12
+    total = sum(newton_schulz_flops(r, c, config.ns_steps) for _, r, c in _logical_matrices(model))
+    for rates in (fast_memory, RATES):
+        for scheme in sm.model_layout(model, layout, rates, config)["schemes"].values():
+            assert scheme["floor_ms"] <= scheme["optimizer_ms"]
+            assert scheme["floor_share"] <= scheme["share"]
+            if rates is fast_memory:
+                assert scheme["floor_ms"] == pytest.approx(
+                    1e3 * total / layout.gpus / ns_rate, rel=1e-9
+                )
+
+
 def _holdings(views, model: sm.Model, layout: sm.Layout):
     """Brute force over elements: how many elements of each logical matrix each rank holds."""
     held: dict[tuple[str, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
