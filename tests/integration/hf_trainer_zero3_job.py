@@ -11,7 +11,9 @@ LlamaFactory or axolotl load one. Each rank runs, in one process, and writes
 - ``zero1``: ``launch/configs/hf_trainer_zero1.json``, 4 steps (the reference);
 - ``zero3``: ``launch/configs/hf_trainer_zero3.json`` (HF's "auto" template for stage 3),
   4 steps, a checkpoint at step 2;
-- ``resume``: the same from that checkpoint (``resume_from_checkpoint``) to step 4.
+- ``resume``: the same from that checkpoint (``resume_from_checkpoint``) to step 4;
+- ``frozen``: both stages again with the embeddings and the first layer frozen
+  (``requires_grad=False``), as partial fine-tuning runs.
 
 Both configs get ``"ns_dtype": "float32"``: Newton-Schulz otherwise follows the CPU
 (bf16 where it multiplies bf16 natively), and in fp32 the two stages differ only in the
@@ -53,6 +55,38 @@ def _pretrained(directory: Path) -> Any:
     return LlamaForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
 
 
+FROZEN = ("model.embed_tokens.", "model.layers.0.")
+"""Name prefixes of the parameters the ``frozen`` case freezes."""
+
+
+def _pretrained_frozen(directory: Path) -> Any:
+    model = _pretrained(directory)
+    for name, param in model.named_parameters():
+        if name.startswith(FROZEN):
+            param.requires_grad_(False)
+    return model
+
+
+def _frozen_case(out: Path, pretrained: Path, initial: dict[str, torch.Tensor]) -> dict:
+    """Each stage with part of the model frozen: what it routes, how far the frozen params
+    moved, and the difference between the stages' final params."""
+    build = functools.partial(_pretrained_frozen, pretrained)
+    found, finals = {}, []
+    for name, config in (("zero1", CONFIG), ("zero3", ZERO3_CONFIG)):
+        trainer = make_trainer(out / f"frozen_{name}", _config(config), build)
+        trainer.train()
+        final = params_of(trainer)
+        frozen = {n: p for n, p in final.items() if n.startswith(FROZEN)}
+        found[name] = {
+            "routes": routes_of(trainer),
+            "frozen_moved": max_difference(frozen, initial),
+            "moved": max_difference(final, initial),
+        }
+        finals.append(final)
+    found["max_difference_zero3_to_zero1"] = max_difference(*finals)
+    return found
+
+
 def _built_partitioned(trainer: Any) -> dict[str, int]:
     """How many params ``zero.Init`` partitioned before training (``ds_id``) and how many
     of those had an empty local ``shape`` (everything above the persistence threshold)."""
@@ -73,6 +107,7 @@ def run(out: Path) -> dict[str, Any]:
     pretrained = out / f"pretrained{os.environ['RANK']}"
     tiny_llama().save_pretrained(pretrained)
     build = functools.partial(_pretrained, pretrained)
+    initial = {n: p.detach() for n, p in tiny_llama().named_parameters()}
     result: dict[str, Any] = {}
 
     reference = make_trainer(out / "zero1", _config(CONFIG), build)
@@ -88,12 +123,13 @@ def run(out: Path) -> dict[str, Any]:
         "stage": zero3.model_wrapped.zero_optimization_stage(),
         "routes": routes_of(zero3),
         "max_difference_to_zero1": max_difference(final, expected),
-        "moved": max_difference(final, {n: p.detach() for n, p in tiny_llama().named_parameters()}),
+        "moved": max_difference(final, initial),
     }
 
     resumed = make_trainer(out / "zero3", _config(ZERO3_CONFIG), build)
     resumed.train(resume_from_checkpoint=str(out / "zero3" / "checkpoint-2"))
     result["resume"] = {"max_difference": max_difference(final, params_of(resumed))}
+    result["frozen"] = _frozen_case(out, pretrained, initial)
     return result
 
 

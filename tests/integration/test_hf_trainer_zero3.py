@@ -4,7 +4,7 @@ One launch of ``tests.integration.hf_trainer_zero3_job``: the model comes from
 ``from_pretrained`` inside HF's ``zero.Init`` (the way fine-tuning tools load one, and
 where users report Muon failing or silently doing nothing), trained with
 ``launch/configs/hf_trainer_zero3.json`` (the README's config), against the same run on
-ZeRO-1, and resumed from a checkpoint. Tolerance against ZeRO-1: as in
+ZeRO-1, resumed from a checkpoint, and with part of the model frozen. Tolerance against ZeRO-1: as in
 ``test_deepspeed_zero3``: fp32 Newton-Schulz, only the reduction order differs (2e-5 on
 updates of ~1e-2).
 """
@@ -66,3 +66,24 @@ def test_zero3_resume_from_checkpoint_equals_the_uninterrupted_run(runs) -> None
     results, _ = runs
     for result in results:
         assert result["resume"]["max_difference"] == 0.0
+
+
+def test_frozen_params_stay_put_and_only_trainable_ones_are_routed(runs) -> None:
+    """Partial fine-tuning (embeddings and layer 0 frozen): the frozen params end bitwise
+    where they started, the 11 trainable ones are routed as before (layer 1's 7
+    projections on Muon) and ZeRO-3 trains like ZeRO-1."""
+    results, _ = runs
+    for result in results:
+        frozen = result["frozen"]
+        trainable = [
+            route
+            for route in result["zero1"]["routes"]
+            if not route[0].startswith(("model.embed_tokens.", "model.layers.0."))
+        ]
+        for stage in ("zero1", "zero3"):
+            assert frozen[stage]["frozen_moved"] == 0.0
+            assert frozen[stage]["moved"] > 1e-3
+            assert frozen[stage]["routes"] == trainable
+        assert len(trainable) == 11
+        assert sum(route == "muon" for _, route, _ in trainable) == 7
+        assert frozen["max_difference_zero3_to_zero1"] <= TOL
