@@ -172,7 +172,8 @@ def evaluate(
         parts.append((total, exchange, team, r, elementwise))
     total, exchange, team, slowest, elementwise = max(parts)
     mean_flops = sum(cost.ns_flops) / world
-    floor = logical_flops / world / ns_rate + sum(p[4] for p in parts) / world
+    mean_elementwise = sum(part[-1] for part in parts) / world
+    floor = logical_flops / world / ns_rate + mean_elementwise
     return SchemeResult(
         optimizer_ms=1e3 * total,
         share=total / (compute_s + total),

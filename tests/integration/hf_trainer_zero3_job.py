@@ -89,7 +89,8 @@ def _frozen_case(out: Path, pretrained: Path, initial: dict[str, torch.Tensor]) 
 
 def _built_partitioned(trainer: Any) -> dict[str, int]:
     """How many params ``zero.Init`` partitioned before training (``ds_id``) and how many
-    of those had an empty local ``shape`` (everything above the persistence threshold)."""
+    of those had an empty local ``shape`` (all of them, the small norms included: the
+    persistence threshold applies later, inside the engine)."""
     params = list(trainer.model.parameters())
     return {
         "params": len(params),

@@ -4,9 +4,9 @@ One launch of ``tests.integration.hf_trainer_zero3_job``: the model comes from
 ``from_pretrained`` inside HF's ``zero.Init`` (the way fine-tuning tools load one, and
 where users report Muon failing or silently doing nothing), trained with
 ``launch/configs/hf_trainer_zero3.json`` (the README's config), against the same run on
-ZeRO-1, resumed from a checkpoint, and with part of the model frozen. Tolerance against ZeRO-1: as in
-``test_deepspeed_zero3``: fp32 Newton-Schulz, only the reduction order differs (2e-5 on
-updates of ~1e-2).
+ZeRO-1, resumed from a checkpoint, and with part of the model frozen. Tolerance against
+ZeRO-1: as in ``test_deepspeed_zero3``: fp32 Newton-Schulz, only the reduction order
+differs (2e-5 on updates of ~1e-2).
 """
 
 from __future__ import annotations
